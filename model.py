@@ -116,10 +116,9 @@ class GPT(nn.Module):
         row gets the same logits as the unpadded one."""
         (B, T), mask = input_ids.shape, None
         if attention_mask is not None and not bool(attention_mask.all()):
-            attention_mask = attention_mask.bool()
+            attention_mask, S = attention_mask.bool(), attention_mask.shape[1]
             if positions is None:  # position = number of real tokens before this one
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            S = attention_mask.shape[1]
             causal = torch.ones(T, S, dtype=torch.bool, device=input_ids.device).tril(diagonal=S - T)  # (T, S)
             # A padding query would see no key at all (a softmax over nothing is NaN); letting every query see itself
             # (the diagonal, causal.triu(S - T)) keeps its unused output finite without changing any real position.
@@ -180,7 +179,10 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path, dtype=None, device=None):
         """Load a local Hugging Face directory or a hub id (downloaded into the standard cache)."""
         directory = resolve_checkpoint(name_or_path, lambda files: ["config.json", *_pick_weight_files(files, name_or_path)])
-        cfg = config_from_hf(_read_json(os.path.join(directory, "config.json")))
+        try:
+            cfg = config_from_hf(_read_json(os.path.join(directory, "config.json")))
+        except KeyError as e:
+            raise ValueError(f"config.json in {directory} lacks the field {e}") from None
         with torch.device("meta"):  # no memory yet: each tensor is materialised once, in `dtype`, as it is read
             model = cls(cfg)
         shapes = {name: t.shape for name, t in model.state_dict().items()}
@@ -228,9 +230,8 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_k > 0:  # keep the k largest logits
+        logits = logits.masked_fill(logits < torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:], -math.inf)
     if top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
@@ -357,8 +358,7 @@ def _pick_weight_files(files, where):
 def _read_json(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"missing {os.path.basename(path)} in {os.path.dirname(path) or '.'}")
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(Path(path).read_text())
 
 
 def _weight_files(directory):

@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 
@@ -32,13 +33,43 @@ def tiny_hf_model(kind, **overrides):
     return model.eval()
 
 
+def write_bin_checkpoint(model, path, shards=1, strip_prefix=False):
+    """The legacy .bin layout (transformers 5 only writes safetensors, but hub repos such as gpt2 and
+    facebook/opt-* still hold pytorch_model.bin): torch.save'd state dicts, sharded with an index when shards > 1.
+    strip_prefix drops "transformer." / "model." as in the original GPT-2 / OPT uploads."""
+    for f in os.listdir(path):
+        if f.endswith((".safetensors", ".safetensors.index.json")):
+            os.remove(os.path.join(path, f))
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if strip_prefix:
+            key = key.removeprefix("transformer.").removeprefix("model.")
+        state[key] = tensor.clone()
+    keys = list(state)
+    if shards == 1:
+        torch.save(state, os.path.join(path, "pytorch_model.bin"))
+        return
+    weight_map = {}
+    for i in range(shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {k: state[k] for k in keys[i::shards]}
+        torch.save(part, os.path.join(path, name))
+        weight_map.update({k: name for k in part})
+    with open(os.path.join(path, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
 @pytest.fixture
 def hf_model_dir(tmp_path):
-    """Factory: save a tiny transformers model to a temp dir and return (dir, model)."""
-    def make(kind, safe=True, shard=None, **overrides):
+    """Factory: save a tiny transformers model to a temp dir and return (dir, model).
+    safe=False writes the .bin layout (sharded into `shards` files, keys without prefix if strip_prefix)."""
+    count = iter(range(1000))
+
+    def make(kind, safe=True, shard=None, shards=1, strip_prefix=False, **overrides):
         model = tiny_hf_model(kind, **overrides)
-        path = tmp_path / f"{kind}-{'st' if safe else 'bin'}-{shard}-{len(overrides)}"
-        kwargs = {"max_shard_size": shard} if shard else {}
-        model.save_pretrained(path, safe_serialization=safe, **kwargs)
+        path = tmp_path / f"{kind}-{next(count)}"
+        model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+        if not safe:
+            write_bin_checkpoint(model, path, shards, strip_prefix)
         return str(path), model
     return make
