@@ -1,0 +1,229 @@
+"""Every distillation objective of the study, with the KD temperature tau.
+
+Where tau enters - the whole point of the paper - is one line, in `distill_loss`: both logit vectors are divided
+by tau before the log-softmax,
+
+    p = softmax(z_teacher / tau)        q = softmax(z_student / tau)
+
+and every objective below is a plain function of the two log-probability matrices `log_p`, `log_q` (N, V), one
+row per response token, returning one value per token (N,). `target` (N,) holds each row's ground-truth next
+token; only DRKL and CE use it. Values are the true divergences (>= 0, 0 when p = q).
+
+Memory: `distill_loss` never builds the full autograd graph over (B, T, V). It walks the response positions in
+chunks, computes each chunk's value *and* its gradient right away, and keeps only the gradient (one logits-sized
+buffer). So the objectives can be written as naive math while the whole loss needs about one extra copy of the
+logits (`bench/bench_losses.py` measures it).
+"""
+import functools
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOG_ZERO = -1e30  # stands for log 0 (a -inf logit): keeps 0 * log 0 = 0 in values and gradients instead of NaN
+
+
+def _kl(log_a, log_b):
+    """KL(a || b) = sum_v a_v (log a_v - log b_v), per row."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def _log(x):
+    return math.log(x) if x > 0 else -math.inf
+
+
+def fkl(log_p, log_q, target=None):
+    """Forward KL:  KL(p || q) = sum_v p_v (log p_v - log q_v).   d/dz_s = (q - p) / tau   (Eq. 2)"""
+    return _kl(log_p, log_q)
+
+
+def rkl(log_p, log_q, target=None):
+    """Reverse KL:  KL(q || p) = sum_v q_v (log q_v - log p_v).
+    d/dz_s,i = q_i (log(q_i/p_i) - KL) / tau = q_i (D_i - E_q[D]) / tau^2 with D = z_s - z_t   (Eq. 3, 4)"""
+    return _kl(log_q, log_p)
+
+
+def sym(log_p, log_q, target=None, weight=0.5):
+    """Symmetric KL:  w KL(p || q) + (1 - w) KL(q || p),  w = 0.5."""
+    return weight * _kl(log_p, log_q) + (1 - weight) * _kl(log_q, log_p)
+
+
+def js(log_p, log_q, target=None, beta=0.5):
+    """Generalized Jensen-Shannon (GKD):  m = beta p + (1 - beta) q,  beta KL(p || m) + (1 - beta) KL(q || m).
+    At the end points the value would be 0; as in GKD, beta = 0 means FKL and beta = 1 means RKL."""
+    if beta == 0 or beta == 1:
+        return _kl(log_p, log_q) if beta == 0 else _kl(log_q, log_p)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta))
+    return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+
+
+def sfkl(log_p, log_q, target=None, alpha=0.1):
+    """Skew forward KL (DistiLLM):  KL(p || alpha p + (1 - alpha) q),  alpha = 0.1 (teacher weight in the mix)."""
+    return _kl(log_p, torch.logaddexp(log_p + _log(alpha), log_q + _log(1 - alpha)))
+
+
+def srkl(log_p, log_q, target=None, alpha=0.1):
+    """Skew reverse KL (DistiLLM):  KL(q || alpha q + (1 - alpha) p),  alpha = 0.1 (student weight in the mix).
+    The gradient flows through q in both places."""
+    return _kl(log_q, torch.logaddexp(log_q + _log(alpha), log_p + _log(1 - alpha)))
+
+
+def akl(log_p, log_q, target=None, mu=0.5):
+    """Adaptive KL (Wu et al. 2025):  g_head KL(p || q) + g_tail KL(q || p).
+    Head = the teacher's most likely tokens whose cumulative mass (inclusive) is <= mu, plus always the top-1;
+    tail = the rest. With e = |p - q| (student detached): g_head = sum_head e / sum_all e, g_tail = 1 - g_head."""
+    p, q = log_p.exp(), log_q.detach().exp()
+    p_sorted, order = p.sort(-1, descending=True)
+    head_sorted = p_sorted.cumsum(-1) <= mu
+    head_sorted[:, 0] = True
+    head = torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)  # back to vocabulary order
+    gap = (p - q).abs()
+    total = gap.sum(-1)
+    # total = 0 means p = q: both KLs are 0 and any weights will do
+    g_head = torch.where(total > 0, (gap * head).sum(-1) / total.clamp_min(1e-30), 0.5)
+    return g_head * _kl(log_p, log_q) + (1 - g_head) * _kl(log_q, log_p)
+
+
+def ab(log_p, log_q, target=None, alpha=0.2, beta=0.7):
+    """Alpha-beta divergence (ABKD, Wang et al. 2025), alpha = 0.2, beta = 0.7:
+        -1/(alpha beta) sum_v [ p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b) ]
+    and its limits, each the continuous limit of the general formula (Cichocki et al. 2011):
+        a = b = 0:  1/2 sum (log q - log p)^2
+        a = 0:      1/b^2 sum [ q^b log(q^b/p^b) - q^b + p^b ]      (a=0, b=1: RKL)
+        b = 0:      1/a^2 sum [ p^a log(p^a/q^a) - p^a + q^a ]      (a=1, b=0: FKL)
+        a + b = 0:  1/a^2 sum [ log(q^a/p^a) + p^a/q^a - 1 ]
+    (SPEC.md writes 1/b, 1/a for these; only the squares make the general formula continuous at the limits.)"""
+    a, b = alpha, beta
+    if a == 0 and b == 0:
+        return 0.5 * ((log_q - log_p) ** 2).sum(-1)
+    if a == 0:
+        q_b, p_b = (b * log_q).exp(), (b * log_p).exp()
+        return (q_b * b * (log_q - log_p) - q_b + p_b).sum(-1) / b**2
+    if b == 0:
+        p_a, q_a = (a * log_p).exp(), (a * log_q).exp()
+        return (p_a * a * (log_p - log_q) - p_a + q_a).sum(-1) / a**2
+    if a + b == 0:
+        return (a * (log_q - log_p) + (a * (log_p - log_q)).exp() - 1).sum(-1) / a**2
+    cross = (a * log_p + b * log_q).exp()
+    p_ab, q_ab = ((a + b) * log_p).exp(), ((a + b) * log_q).exp()
+    return -(cross - a / (a + b) * p_ab - b / (a + b) * q_ab).sum(-1) / (a * b)
+
+
+def drkl(log_p, log_q, target, gamma=0.5):
+    """Diversity-aware RKL (Luong et al. 2026):  KL(b_q || b_p) + gamma KL(q^ || p^).
+    b = (x_t, 1 - x_t) splits target / non-target mass; q^, p^ are the non-target distributions renormalised.
+    RKL is exactly the same sum with gamma = 1 - q_t; fixing gamma removes the non-target term's push on the
+    target logit and strengthens the non-target supervision."""
+    is_target = torch.zeros_like(log_q, dtype=torch.bool).scatter(-1, target[:, None], True)
+    lq_t, lp_t = log_q.gather(-1, target[:, None])[:, 0], log_p.gather(-1, target[:, None])[:, 0]
+    # log(1 - q_t) as the log-sum-exp of the non-target log-probs: log1mexp(log q_t), exact even when q_t ~ 1
+    lq_rest = log_q.masked_fill(is_target, -math.inf).logsumexp(-1)
+    lp_rest = log_p.masked_fill(is_target, -math.inf).logsumexp(-1)
+    binary = lq_t.exp() * (lq_t - lp_t) + lq_rest.exp() * (lq_rest - lp_rest)
+    log_q_hat = (log_q - lq_rest[:, None]).masked_fill(is_target, LOG_ZERO)
+    log_p_hat = (log_p - lp_rest[:, None]).masked_fill(is_target, LOG_ZERO)
+    return binary + gamma * _kl(log_q_hat, log_p_hat)
+
+
+def tvd(log_p, log_q, target=None):
+    """Total variation distance:  1/2 sum_v |p_v - q_v|."""
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+def ce(log_p, log_q, target):
+    """Next-token cross-entropy  -log q_target  (SFT, and the (1 - kd_ratio) part of the KD loss; tau = 1)."""
+    return -log_q.gather(-1, target[:, None])[:, 0]
+
+
+LOSSES = {"fkl": fkl, "rkl": rkl, "sym": sym, "js": js, "sfkl": sfkl, "srkl": srkl, "akl": akl, "ab": ab,
+          "drkl": drkl, "tvd": tvd}
+HPARAMS = ("alpha", "beta", "gamma", "mu", "weight")
+
+
+def distill_loss(name, student_logits, teacher_logits, labels, tau=1.0, tau_sq=False, reduction="mean",
+                 chunk_size=None, **hparams):
+    """The KD loss `name` between (B, T, V) logits of any float dtype, at temperature tau.
+
+    labels (B, T): the next token at response positions, -100 elsewhere (prompt, padding). The value is the token
+    mean over every non-ignored position of the batch (reduction="sum" gives the sum, for callers that normalise
+    over several micro-batches). hparams: alpha, beta, gamma, mu, weight (None = the objective's default).
+    tau_sq multiplies by tau^2 (Hinton's convention; off by default, as in the paper).
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
+    if teacher_logits is None or teacher_logits.shape != student_logits.shape:
+        got = None if teacher_logits is None else tuple(teacher_logits.shape)
+        vocab = "" if got is None or got[-1] == student_logits.shape[-1] else " (teacher/student vocabulary mismatch)"
+        raise ValueError(f"teacher logits {got} must match student logits {tuple(student_logits.shape)}{vocab}")
+    if unknown := set(hparams) - set(HPARAMS):
+        raise ValueError(f"unknown hyper-parameter(s) {sorted(unknown)}: expected some of {HPARAMS}")
+    accepted = inspect.signature(LOSSES[name]).parameters
+    per_token = functools.partial(LOSSES[name], **{k: v for k, v in hparams.items() if k in accepted and v is not None})
+    loss = _token_loss(per_token, student_logits, teacher_logits, labels, tau, reduction, chunk_size)
+    return loss * tau**2 if tau_sq else loss
+
+
+def ce_loss(student_logits, labels, reduction="mean", chunk_size=None):
+    """Next-token cross-entropy over the non-ignored positions, token mean (same reduction as distill_loss)."""
+    return _token_loss(ce, student_logits, None, labels, 1.0, reduction, chunk_size)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The engine: select the response positions, walk them in chunks, keep only the gradient
+
+
+def _log_probs(logits, tau):  # (n, V) any float dtype -> float32 log-probabilities at temperature tau
+    log_probs = F.log_softmax(logits.float() / tau, dim=-1)
+    return log_probs.masked_fill(torch.isneginf(log_probs), LOG_ZERO)  # -inf logits: probability 0, finite log
+
+
+def _token_loss(per_token, student_logits, teacher_logits, labels, tau, reduction, chunk_size):
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a positive number, got {tau!r}")
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must match the logits' (B, T) {tuple(student_logits.shape[:-1])}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    V = student_logits.shape[-1]
+    rows = (labels.reshape(-1) != -100).nonzero()[:, 0]  # the response positions, (N,)
+    chunk_size = chunk_size or max(1, 2**22 // V)  # ~16 MB of float32 per (chunk, V) temporary
+    teacher = None if teacher_logits is None else teacher_logits.detach().reshape(-1, V)
+    total = _ChunkedSum.apply(student_logits, teacher, labels.reshape(-1), rows, per_token, tau, chunk_size)
+    return total / max(len(rows), 1) if reduction == "mean" else total
+
+
+class _ChunkedSum(torch.autograd.Function):
+    """sum over `rows` of per_token(log_p, log_q, target), its gradient w.r.t. the student computed in forward."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher, targets, rows, per_token, tau, chunk_size):
+        student = student_logits.detach().reshape(-1, student_logits.shape[-1])  # (B*T, V), a view
+        want_grad = ctx.needs_input_grad[0]
+        # The one logits-sized buffer. float32 whatever the input dtype: an fp16 gradient would overflow here.
+        grad = torch.zeros(student.shape, dtype=torch.float32, device=student.device) if want_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for start in range(0, len(rows), chunk_size):
+            idx = rows[start:start + chunk_size]
+            s = student[idx].float().requires_grad_(want_grad)  # (n, V): a float32 copy of this chunk only
+            with torch.enable_grad():
+                log_p = None if teacher is None else _log_probs(teacher[idx], tau)
+                value = per_token(log_p, _log_probs(s, tau), targets[idx]).sum()
+            if want_grad:
+                grad[idx] = torch.autograd.grad(value, s)[0]
+            total += value.detach()
+        ctx.save_for_backward(grad)
+        ctx.shape, ctx.dtype, ctx.consumed = student_logits.shape, student_logits.dtype, False
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.consumed:  # the buffer was scaled in place below; a second pass would scale it twice
+            raise RuntimeError("backward through distill_loss/ce_loss twice is not supported")
+        ctx.consumed = True
+        (grad,) = ctx.saved_tensors
+        grad = grad.mul_(grad_output).view(ctx.shape)  # in place: no second logits-sized copy
+        if ctx.dtype != torch.float32:  # saturate rather than overflow: fp16 cannot hold |g| > 65504
+            limit = torch.finfo(ctx.dtype).max
+            grad = grad.clamp_(-limit, limit).to(ctx.dtype)
+        return grad, None, None, None, None, None, None
