@@ -46,8 +46,9 @@ class Tokenizer:
     tiktoken returns BPE *ranks*; GPT-2's ids are those ranks, OPT numbers the same tokens differently, so an
     optional table maps ranks to model ids and back. No BOS is added (SPEC.md section 3)."""
 
-    def __init__(self, encoding, eos_id, vocab_size, rank_to_id=None):
+    def __init__(self, encoding, eos_id, vocab_size, rank_to_id=None, source=None):
         self.encoding, self.eos_id, self.pad_id, self.vocab_size = encoding, eos_id, eos_id, vocab_size
+        self.source = source  # the directory holding vocab.json + merges.txt (None: the byte tokenizer)
         self.rank_to_id = rank_to_id  # np.ndarray or None (identity)
         if rank_to_id is not None:
             self.id_to_rank = np.full(max(vocab_size, int(rank_to_id.max()) + 1), -1, dtype=np.int64)
@@ -63,6 +64,20 @@ class Tokenizer:
             ranks = self.id_to_rank[[i for i in ids if 0 <= i < len(self.id_to_rank)]]
             ids = ranks[ranks >= 0].tolist()  # ids with no token (e.g. OPT's <pad>/<unk>) decode to nothing
         return self.encoding.decode(ids, errors="replace")
+
+    def save_pretrained(self, directory):
+        """Write vocab.json + merges.txt next to a checkpoint, so it carries its own tokenizer."""
+        import shutil
+        os.makedirs(directory, exist_ok=True)
+        if self.source is not None:
+            for f in ("vocab.json", "merges.txt"):
+                if os.path.abspath(os.path.join(self.source, f)) != os.path.abspath(os.path.join(directory, f)):
+                    shutil.copyfile(os.path.join(self.source, f), os.path.join(directory, f))
+            return
+        # the byte tokenizer as a GPT-2-style BPE with no merges: byte b has id b, then <|endoftext|>
+        vocab = {c: b for b, c in _bytes_to_unicode().items()} | {"<|endoftext|>": self.eos_id}
+        Path(directory, "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        Path(directory, "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
 
 
 def byte_tokenizer():
@@ -121,7 +136,7 @@ def load_tokenizer(name_or_path):
                                  mergeable_ranks=ranks, special_tokens=special_ranks)
     identity = bool((rank_to_id == np.arange(len(rank_to_id))).all())
     vocab_size = max(config.get("vocab_size", 0), max(vocab.values()) + 1)
-    return Tokenizer(encoding, eos_id, vocab_size, None if identity else rank_to_id)
+    return Tokenizer(encoding, eos_id, vocab_size, None if identity else rank_to_id, source=directory)
 
 
 # ====================================================================================================================

@@ -101,12 +101,19 @@ def test_tokenizer_downloads_from_the_hub(tmp_path):
     assert json.loads(result.stdout.strip().splitlines()[-1]) == data.load_tokenizer(str(tmp_path / "repo")).encode("The quick brown fox")
 
 
-def test_byte_tokenizer_round_trips():
+def test_byte_tokenizer_round_trips_and_saves_as_a_bpe_transformers_reads(tmp_path):
+    from transformers import AutoTokenizer
     tok = data.byte_tokenizer()
     for text in TEXTS:
         assert tok.decode(tok.encode(text)) == text
     assert tok.encode("ab") == [97, 98] and tok.eos_id == 256 and tok.vocab_size == 257
     assert tok.encode("<|endoftext|>") == [256]
+    tok.save_pretrained(str(tmp_path))  # a checkpoint carries its tokenizer
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "eos_token_id": 256, "bos_token_id": 256}))
+    loaded, ref = data.load_tokenizer(str(tmp_path)), AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in TEXTS:
+        assert loaded.encode(text) == tok.encode(text) == ref.encode(text, add_special_tokens=False)
+    assert loaded.eos_id == 256
 
 
 def test_prompt_template_exact_text():

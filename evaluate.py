@@ -1,0 +1,256 @@
+"""Evaluation: sampled responses, ROUGE-L against the references, mean +- std over seeds (SPEC.md section 3).
+
+    python evaluate.py --model runs/toy/fkl-tau3/best --benchmarks toy,toy-hard --seeds 10,20,30,40,50
+    python evaluate.py --model runs/gpt2/fkl-tau3/best --benchmarks dolly,self-inst,vicuna,sinst,uinst
+    python evaluate.py summarize runs/toy          # Table 1 / Table 2 layout, heatmap and tau curves
+
+Decoding follows the protocol: ancestral sampling at decode temperature 1 (not the KD temperature tau: the two
+are separate settings), no top-k, top-p 1, no_repeat_ngram_size 6, at most 256 new tokens.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+
+PROTOCOL = dict(temperature=1.0, top_k=0, top_p=1.0, no_repeat_ngram_size=6, max_new_tokens=256)
+SEEDS = (10, 20, 30, 40, 50)
+PAPER_AVERAGE = ("dolly", "sinst", "uinst")  # Table 1 averages these three
+
+
+_scorer = None
+
+
+def rouge_l(prediction, references):
+    """ROUGE-L F-measure x 100 (stemming on), the best over the references."""
+    global _scorer
+    if _scorer is None:
+        from rouge_score import rouge_scorer
+        _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return 100 * max(_scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256, progress=True,
+                       desc="generating", **decoding):
+    """One sampled response per record, in order. `decoding` overrides PROTOCOL (e.g. temperature=0: greedy).
+    Prompts are sorted by length so batches carry little padding; batch b samples from a generator seeded by
+    (seed, b), so the same seed gives the same responses."""
+    decoding = {**PROTOCOL, **decoding}
+    device = next(model.parameters()).device
+    encoded = [data.encode_example(tokenizer, r["prompt"], max_prompt_len=max_prompt_len) for r in records]
+    order = sorted((i for i, e in enumerate(encoded) if e is not None), key=lambda i: len(encoded[i][0]))
+    responses = [""] * len(records)  # a prompt that cannot fit gets an empty response, which scores 0
+    batches = range(0, len(order), batch_size)
+    for b, start in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
+        rows = order[start:start + batch_size]
+        input_ids, mask = data.collate_prompts([encoded[i][0] for i in rows], tokenizer.pad_id)
+        generator = torch.Generator(device).manual_seed(seed * 100_003 + b)
+        new = model.generate(input_ids.to(device), mask.to(device), eos_token_id=tokenizer.eos_id,
+                             generator=generator, **decoding)
+        for i, tokens in zip(rows, new.tolist()):
+            if tokenizer.eos_id in tokens:  # cut at the first EOS
+                tokens = tokens[: tokens.index(tokenizer.eos_id)]
+            responses[i] = tokenizer.decode(tokens).strip()
+    return responses
+
+
+def score(records, responses):
+    """Mean ROUGE-L over examples; every example counts."""
+    return statistics.fmean(rouge_l(p, r["output"]) for p, r in zip(responses, records)) if records else 0.0
+
+
+def validation_score(model, tokenizer, records, seed=0, greedy=False, batch_size=32, max_new_tokens=256):
+    """ROUGE-L on a validation split, for train.py's per-epoch model selection (sampled, no n-gram blocking,
+    as the reference does during training; greedy=True decodes greedily instead)."""
+    was_training = model.training
+    model.eval()
+    responses = generate_responses(model, tokenizer, records, seed, batch_size, progress=False,
+                                   temperature=0.0 if greedy else 1.0, no_repeat_ngram_size=0,
+                                   max_new_tokens=max_new_tokens)
+    model.train(was_training)
+    return score(records, responses)
+
+
+def evaluate(model, tokenizer, benchmarks, seeds=SEEDS, batch_size=32, out_dir=None, data_dir=data.DATA_DIR,
+             max_examples=None, **decoding):
+    """Score every benchmark over every seed. Writes predictions-<bench>-seed<k>.jsonl and results.json to
+    out_dir when given. Returns {benchmark: {"scores": {seed: rouge}, "mean", "std", "n"}}."""
+    results = {}
+    for benchmark in benchmarks:
+        records = data.load_split(benchmark, "test", data_dir)[:max_examples]
+        scores = {}
+        for seed in seeds:
+            responses = generate_responses(model, tokenizer, records, seed, batch_size,
+                                           desc=f"{benchmark} seed {seed}", **decoding)
+            per_example = [rouge_l(p, r["output"]) for p, r in zip(responses, records)]
+            scores[seed] = statistics.fmean(per_example) if per_example else 0.0
+            if out_dir:
+                data.write_jsonl(os.path.join(out_dir, f"predictions-{benchmark}-seed{seed}.jsonl"),
+                                 [{"prompt": r["prompt"], "prediction": p, "references": r["output"], "rougeL": s}
+                                  for r, p, s in zip(records, responses, per_example)])
+        values = list(scores.values())
+        results[benchmark] = {"scores": scores, "mean": statistics.fmean(values),
+                              "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(records)}
+    if out_dir:
+        from model import atomic_write
+        payload = json.dumps({"benchmarks": results, "decoding": {**PROTOCOL, **decoding}, "seeds": list(seeds)}, indent=1)
+        atomic_write(os.path.join(out_dir, "results.json"), lambda tmp: Path(tmp).write_text(payload))
+    return results
+
+
+def results_table(results):
+    lines = ["| benchmark | ROUGE-L (mean ± std) | seeds | n |", "|---|---|---|---|"]
+    for benchmark, r in results.items():
+        per_seed = ", ".join(f"{s:.2f}" for s in r["scores"].values())
+        lines.append(f"| {benchmark} | {r['mean']:.2f} ± {r['std']:.2f} | {per_seed} | {r['n']} |")
+    return "\n".join(lines)
+
+
+# ====================================================================================================================
+# summarize: every run's results -> the paper's tables and plots
+
+
+def collect_runs(runs_dir):
+    """[(args, results)] for each run under runs_dir that has args.json and best/eval/results.json."""
+    runs = []
+    for args_path in sorted(Path(runs_dir).rglob("args.json")):
+        results_path = args_path.parent / "best" / "eval" / "results.json"
+        if results_path.is_file():
+            runs.append((json.loads(args_path.read_text()), json.loads(results_path.read_text())["benchmarks"]))
+    return runs
+
+
+def _grid(runs):
+    """{(objective, tau): {benchmark: [per-seed scores over every training and evaluation seed]}}"""
+    grid = {}
+    for args, results in runs:
+        key = ("teacher", None) if args.get("mode") == "sft" else (args["loss"], float(args["tau"]))
+        cell = grid.setdefault(key, {})
+        for benchmark, r in results.items():
+            cell.setdefault(benchmark, []).extend(r["scores"].values())
+    return grid
+
+
+def _average(cell, benchmarks):
+    return statistics.fmean(statistics.fmean(cell[b]) for b in benchmarks) if all(b in cell for b in benchmarks) else math.nan
+
+
+def summarize(runs_dir, out_dir=None):
+    """Markdown tables in the layout of the paper's Table 1 (objective: tau=1 vs best tau) and the full
+    objective x tau grid with per-benchmark columns; a heatmap and tau curves as PNG when matplotlib exists."""
+    grid = _grid(collect_runs(runs_dir))
+    if not grid:
+        raise FileNotFoundError(f"no finished runs (args.json + best/eval/results.json) under {runs_dir}")
+    benchmarks = sorted({b for cell in grid.values() for b in cell})
+    averaged = [b for b in PAPER_AVERAGE if b in benchmarks] if set(PAPER_AVERAGE) <= set(benchmarks) else benchmarks
+    objectives = sorted({o for o, _ in grid if o != "teacher"}, key=lambda o: list(_ORDER).index(o) if o in _ORDER else 99)
+    taus = sorted({t for o, t in grid if t is not None})
+    fmt = lambda xs: f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+    lines = [f"## Table 1 layout: ROUGE-L averaged over {', '.join(averaged)}", "",
+             "| objective | τ = 1 | best τ | at best τ | Δ vs τ = 1 |", "|---|---|---|---|---|"]
+    if ("teacher", None) in grid:
+        lines.append(f"| teacher | {_average(grid[('teacher', None)], averaged):.2f} | | | |")
+    for o in objectives:
+        scores = {t: _average(grid[(o, t)], averaged) for t in taus if (o, t) in grid}
+        best = max(scores, key=lambda t: -math.inf if math.isnan(scores[t]) else scores[t])
+        at_one = scores.get(1.0, math.nan)
+        lines.append(f"| {o} | {at_one:.2f} | {best:g} | {scores[best]:.2f} | {scores[best] - at_one:+.2f} |")
+    lines += ["", "## Every run: objective × τ, mean ± std over seeds", "",
+              "| objective | τ | " + " | ".join(benchmarks) + " | average |", "|---|---|" + "---|" * (len(benchmarks) + 1)]
+    for (o, t), cell in sorted(grid.items(), key=lambda kv: (kv[0][0] != "teacher", str(kv[0][0]), kv[0][1] or 0)):
+        row = " | ".join(fmt(cell[b]) if b in cell else "" for b in benchmarks)
+        lines.append(f"| {o} | {'' if t is None else f'{t:g}'} | {row} | {_average(cell, averaged):.2f} |")
+    table = "\n".join(lines)
+    out_dir = Path(out_dir or runs_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.md").write_text(table + "\n")
+    try:
+        _plot(grid, objectives, taus, averaged, out_dir)
+    except ImportError:
+        print("matplotlib is not installed: wrote the markdown summary only")
+    return table
+
+
+_ORDER = ("fkl", "rkl", "sym", "js", "sfkl", "srkl", "akl", "ab", "drkl", "tvd")
+
+
+def _plot(grid, objectives, taus, averaged, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    values = [[_average(grid[(o, t)], averaged) if (o, t) in grid else math.nan for t in taus] for o in objectives]
+    fig, ax = plt.subplots(figsize=(1.2 * len(taus) + 2, 0.5 * len(objectives) + 1.5))
+    image = ax.imshow(values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(taus)), [f"{t:g}" for t in taus])
+    ax.set_yticks(range(len(objectives)), objectives)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            if not math.isnan(v):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white", fontsize=8)
+    ax.set_xlabel("KD temperature τ")
+    ax.set_title("ROUGE-L")
+    fig.colorbar(image)
+    fig.tight_layout()
+    fig.savefig(out_dir / "heatmap.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for o, row in zip(objectives, values):
+        points = [(t, v) for t, v in zip(taus, row) if not math.isnan(v)]
+        if len(points) > 1:
+            ax.plot(*zip(*points), marker="o", label=o)
+    if ("teacher", None) in grid:
+        ax.axhline(_average(grid[("teacher", None)], averaged), color="gray", linestyle="--", label="teacher")
+    ax.set_xlabel("KD temperature τ")
+    ax.set_ylabel("ROUGE-L")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "tau_curves.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["summarize"]:
+        parser = argparse.ArgumentParser(prog="evaluate.py summarize", description="collect runs into tables")
+        parser.add_argument("runs_dir")
+        parser.add_argument("--out", default=None, help="where summary.md and the PNGs go (default: runs_dir)")
+        args = parser.parse_args(argv[1:])
+        print(summarize(args.runs_dir, args.out))
+        return
+    from model import GPT
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a checkpoint directory or a hub id")
+    parser.add_argument("--tokenizer", default=None, help="default: the model's own vocab.json + merges.txt")
+    parser.add_argument("--benchmarks", default="dolly,self-inst,vicuna,sinst,uinst")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-examples", type=int, default=None, help="score only the first N examples")
+    parser.add_argument("--decode-temperature", type=float, default=1.0,
+                        help="sampling temperature (the protocol's 1.0; 0 = greedy); unrelated to the KD tau")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=PROTOCOL["no_repeat_ngram_size"])
+    parser.add_argument("--max-new-tokens", type=int, default=PROTOCOL["max_new_tokens"])
+    parser.add_argument("--data-dir", default=data.DATA_DIR)
+    parser.add_argument("--out", default=None, help="default: <model>/eval")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    model = GPT.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    tokenizer = data.load_tokenizer(args.tokenizer or args.model)
+    out = args.out or (os.path.join(args.model, "eval") if os.path.isdir(args.model) else os.path.join("eval", args.model))
+    results = evaluate(model, tokenizer, args.benchmarks.split(","), [int(s) for s in args.seeds.split(",")],
+                       args.batch_size, out, args.data_dir, args.max_examples, temperature=args.decode_temperature,
+                       no_repeat_ngram_size=args.no_repeat_ngram_size, max_new_tokens=args.max_new_tokens)
+    print(results_table(results))
+    print(f"predictions and results.json in {out}")
+
+
+if __name__ == "__main__":
+    main()
