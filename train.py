@@ -1,0 +1,536 @@
+"""Teacher SFT and off-policy knowledge distillation, in one process or under torchrun (DDP, optional FSDP).
+
+    python train.py --preset toy                                    # offline: toy teacher + student, KD, eval
+    torchrun --nproc_per_node 8 train.py --loss fkl --tau 3         # the paper's GPT-2 setting (the default)
+    torchrun --nproc_per_node 8 train.py --preset opt --loss rkl --tau 2.5
+    python train.py --mode sft --student gpt2-xl --lr 5e-5 --epochs 10 --out runs/gpt2/teacher
+
+One optimizer step, top to bottom, is `train_step` below: teacher forward (frozen, no grad), student forward,
+loss = (1 - kd_ratio) * CE + kd_ratio * distill_loss(...), backward over micro-batches, clip, AdamW, cosine lr.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import evaluate
+from losses import HPARAMS, LOSSES, ce_loss, distill_loss
+from model import GPT, GPTConfig, atomic_write
+
+# From-scratch model sizes for the toy benchmark (byte vocabulary, 512 positions); "scratch:<layers>x<width>"
+# builds any other size with 48-dim heads.
+SIZES = {"toy-teacher": dict(n_layer=4, n_head=4, n_embd=192), "toy-student": dict(n_layer=2, n_head=2, n_embd=96),
+         "toy-tiny": dict(n_layer=1, n_head=2, n_embd=32)}
+
+# Presets: the paper's two settings and the offline toy one. Flags given on the command line win.
+PRESETS = {
+    "gpt2": dict(teacher="MiniLLM/teacher-gpt2-1.5B", student="gpt2", data="dolly", lr=5e-4, epochs=20,
+                 batch_size=32, out="runs/gpt2"),
+    "opt": dict(teacher="runs/opt/teacher/best", student="facebook/opt-1.3b", data="dolly", lr=5e-5, epochs=20,
+                batch_size=32, out="runs/opt"),
+    # Toy: a from-scratch teacher made by SFT, and a student warm-started by a short SFT (SPEC.md section 5:
+    # RKL from random weights is an optimisation failure, not the paper's regime of pretrained students).
+    "toy": dict(teacher="runs/toy/teacher/best", student="runs/toy/student-init/best", data="toy", lr=1e-3,
+                epochs=1, batch_size=16, train_examples=12_800, valid_examples=100, out="runs/toy",
+                eval_benchmarks="toy,toy-hard", eval_seeds="10,20,30",
+                teacher_sft=dict(student="toy-teacher", lr=2e-3, epochs=1, batch_size=64, train_examples=20_000),
+                student_sft=dict(student="toy-student", lr=2e-3, epochs=1, batch_size=32, train_examples=3_200)),
+}
+DEFAULTS = dict(preset="gpt2", mode="kd", loss="fkl", tau=1.0, kd_ratio=1.0, epochs=20, batch_size=32,
+                micro_batch_size=None, lr=5e-4, min_lr=1e-7, weight_decay=0.01, seed=1, train_examples=None,
+                valid_examples=None, max_prompt_len=256, max_len=512, log_every=10, eval_benchmarks="",
+                eval_seeds="10,20,30,40,50", valid_greedy=False, valid_max_new_tokens=256)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=None)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="gpt2 (default), opt, or toy (offline)")
+    p.add_argument("--mode", choices=["kd", "sft"], help="kd: distil the teacher into the student (default); "
+                   "sft: fine-tune --student on the data with cross-entropy only (how a teacher is made)")
+    p.add_argument("--loss", help=f"KD objective: {', '.join(LOSSES)}")
+    p.add_argument("--tau", type=float, help="KD temperature, applied to teacher and student logits")
+    for name in HPARAMS:
+        p.add_argument(f"--{name}", type=float, help=f"objective hyper-parameter {name} (default: its SPEC value)")
+    p.add_argument("--kd-ratio", type=float, help="loss = (1 - r) CE + r KD (default 1: pure distillation)")
+    p.add_argument("--tau-sq", action="store_true", help="multiply the KD loss by tau^2 (Hinton); off in the paper")
+    p.add_argument("--teacher", help="hub id or checkpoint directory")
+    p.add_argument("--student", help="hub id, checkpoint directory, or a from-scratch size: " + ", ".join(SIZES))
+    p.add_argument("--data", help="benchmark name (dolly, toy) or a jsonl file of fixed responses, e.g. "
+                   "teacher-generated ones from `python data.py teacher-responses`")
+    p.add_argument("--valid-data", help="benchmark whose valid split selects the best epoch (default: --data, "
+                   "or dolly when --data is a jsonl file)")
+    p.add_argument("--data-dir", default=data.DATA_DIR)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch (all processes, all micro-batches)")
+    p.add_argument("--micro-batch-size", type=int, help="sequences per forward pass (default: all of a process's)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--min-lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="run directory (default: runs/<preset>/<loss>-tau<tau>)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="autocast dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--teacher-dtype", choices=["float32", "bfloat16"], help="teacher weights (default as --dtype)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from <out>/last.pt")
+    p.add_argument("--fsdp", action="store_true", help="shard the student with FSDP (multi-GPU)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule still spans "
+                   "--epochs); last.pt is written, so --resume continues")
+    p.add_argument("--save-every", type=int, default=0, help="also write last.pt every N steps")
+    p.add_argument("--train-examples", type=int, help="use the first N training examples")
+    p.add_argument("--valid-examples", type=int, help="score validation ROUGE-L on the first N examples")
+    p.add_argument("--valid-greedy", action="store_true", help="greedy validation decoding (default: sampled)")
+    p.add_argument("--valid-max-new-tokens", type=int)
+    p.add_argument("--max-prompt-len", type=int)
+    p.add_argument("--max-len", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--eval-benchmarks", help="after training, evaluate best/ on these (comma-separated)")
+    p.add_argument("--eval-seeds")
+    args = p.parse_args(argv)
+    return resolve_args(args)
+
+
+def resolve_args(args):
+    """Fill unset flags from the preset, then from DEFAULTS; check everything before any work starts."""
+    preset = PRESETS[args.preset or DEFAULTS["preset"]]
+    for key, value in {**DEFAULTS, **{k: v for k, v in preset.items() if k not in ("out",)}}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.tau_sq = bool(args.tau_sq)
+    if args.mode == "kd":
+        if args.loss not in LOSSES:
+            raise SystemExit(f"error: unknown loss {args.loss!r}: choose one of {', '.join(LOSSES)}")
+        if not (args.tau > 0 and math.isfinite(args.tau)):
+            raise SystemExit(f"error: --tau must be > 0, got {args.tau}")
+        if not 0 <= args.kd_ratio <= 1:
+            raise SystemExit(f"error: --kd-ratio must be in [0, 1], got {args.kd_ratio}")
+    if args.valid_data is None:
+        args.valid_data = "dolly" if args.data.endswith(".jsonl") else args.data
+    if args.out is None:
+        name = "teacher" if args.mode == "sft" else f"{args.loss}-tau{args.tau:g}"
+        args.out = os.path.join(preset["out"], name)
+    if not args.data.endswith(".jsonl") and args.data != "toy":
+        path = os.path.join(args.data_dir, args.data, "train.jsonl")
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: training data {path} is missing: run `python data.py prepare` first")
+    if args.data.endswith(".jsonl") and not os.path.isfile(args.data):
+        raise SystemExit(f"error: training data {args.data} does not exist")
+    if os.path.isfile(os.path.join(args.out, "last.pt")) and not args.resume:
+        raise SystemExit(f"error: {args.out} holds another run's checkpoint (last.pt): pass --resume to continue it, "
+                         "or choose another --out")
+    if args.resume and not os.path.isfile(os.path.join(args.out, "last.pt")):
+        raise SystemExit(f"error: --resume, but {args.out}/last.pt does not exist")
+    return args
+
+
+# ====================================================================================================================
+# Models, data, distributed set-up
+
+
+def setup_distributed():
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (also across nodes with --nnodes);
+    plain `python train.py` is a world of one."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def load_model(name, dtype, device, vocab_size=257):
+    """A checkpoint (directory or hub id), or a from-scratch size for the toy benchmark."""
+    if name in SIZES or name.startswith("scratch:"):
+        if name.startswith("scratch:"):
+            layers, width = (int(x) for x in name.removeprefix("scratch:").split("x"))
+            size = dict(n_layer=layers, n_embd=width, n_head=max(1, width // 48))
+        else:
+            size = SIZES[name]
+        cfg = GPTConfig(vocab_size=vocab_size, n_positions=512, ffn_dim=4 * size["n_embd"], bos_token_id=vocab_size - 1,
+                        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **size)
+        return GPT(cfg).to(device=device, dtype=dtype)
+    return GPT.from_pretrained(name, dtype=dtype, device=device)
+
+
+def load_tokenizer_for(name):
+    return data.byte_tokenizer() if name in SIZES or name.startswith("scratch:") else data.load_tokenizer(name)
+
+
+def check_vocabularies(teacher_name, student_name):
+    """KD compares distributions token by token: both models must number the same tokens the same way."""
+    teacher, student = load_tokenizer_for(teacher_name), load_tokenizer_for(student_name)
+    probe = "Distillation at temperature 3.5: naïve café, 東京, <|endoftext|> ### Response:\n 12345"
+    if teacher.encode(probe) != student.encode(probe) or teacher.eos_id != student.eos_id:
+        raise SystemExit(f"error: teacher {teacher_name} and student {student_name} have incompatible vocabularies "
+                         "(different tokenizers): token-level KD needs a shared tokenizer")
+    return student
+
+
+def optimizer_for(model, lr, weight_decay):
+    """AdamW with weight decay, except on biases and layer norms. (Chosen by name, not by shape: FSDP shows
+    parameters as flat shards.)"""
+    no_decay = lambda name: name.endswith(".bias") or ".ln_" in name or "ln_f." in name
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in params if not no_decay(n)], "weight_decay": weight_decay},
+              {"params": [p for n, p in params if no_decay(n)], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def cosine_lr(step, total_steps, lr, min_lr):
+    """Cosine decay from lr to min_lr over the run, no warm-up (SPEC.md section 3)."""
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+
+def epoch_order(n_examples, epoch, seed, rank, world_size):
+    """This process's example indices for one epoch: DistributedSampler's seeded shuffle, the tail dropped so
+    every step is a full global batch. Rank r takes every world_size-th index, so a global batch holds the same
+    examples for any number of processes."""
+    sampler = torch.utils.data.DistributedSampler(range(n_examples), num_replicas=world_size, rank=rank,
+                                                  shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+# ====================================================================================================================
+# One optimizer step
+
+
+def train_step(args, student, teacher, micro_batches, optimizer, lr, world_size, autocast):
+    """Forward/backward every micro-batch of this process, then one clipped AdamW step. Returns log values.
+
+    The loss of a step is the token mean over the whole global batch: each micro-batch's *sum* is divided by
+    the global number of response tokens, so the result does not depend on how the batch is split into
+    micro-batches or processes. (DDP averages gradients over processes, hence the factor world_size.)"""
+    n_tokens = torch.tensor(float(sum(int((labels != -100).sum()) for _, _, labels in micro_batches)))
+    if world_size > 1:
+        dist.all_reduce(n_tokens)
+    sums = {"ce": 0.0, "kd": 0.0}
+    for i, (input_ids, attention_mask, labels) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or world_size == 1 else student.no_sync()  # one all-reduce per step
+        with sync:
+            if teacher is not None:
+                with torch.no_grad(), autocast():
+                    teacher_logits = teacher(input_ids, attention_mask)                # (b, T, V), frozen
+            with autocast():
+                student_logits = student(input_ids, attention_mask)                    # (b, T, V)
+            if args.mode == "sft":
+                ce = ce_loss(student_logits, labels, reduction="sum")
+                loss, kd = ce, None
+            else:
+                kd = distill_loss(args.loss, student_logits, teacher_logits, labels, tau=args.tau, tau_sq=args.tau_sq,
+                                  reduction="sum", **{k: getattr(args, k) for k in HPARAMS})
+                if args.kd_ratio < 1:
+                    ce = ce_loss(student_logits, labels, reduction="sum")
+                    loss = (1 - args.kd_ratio) * ce + args.kd_ratio * kd
+                else:  # pure KD: CE only for the log, without a gradient
+                    with torch.no_grad():
+                        ce = ce_loss(student_logits.detach(), labels, reduction="sum")
+                    loss = kd
+            (loss * world_size / n_tokens.clamp(min=1)).backward()
+        sums["ce"] += ce.item()
+        sums["kd"] += kd.item() if kd is not None else 0.0
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # FSDP computes the norm over all shards itself
+    grad_norm = student.clip_grad_norm_(1.0) if hasattr(student, "clip_grad_norm_") else \
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    logged = torch.tensor([sums["ce"], sums["kd"]])
+    if world_size > 1:
+        dist.all_reduce(logged)
+    ce_mean, kd_mean = (logged / n_tokens.clamp(min=1)).tolist()
+    total = ce_mean if args.mode == "sft" else (1 - args.kd_ratio) * ce_mean + args.kd_ratio * kd_mean
+    return {"ce": ce_mean, "kd": kd_mean if args.mode == "kd" else None, "loss": total, "lr": lr,
+            "grad_norm": float(grad_norm), "tokens": int(n_tokens)}
+
+
+# ====================================================================================================================
+# The run
+
+
+def train(args):
+    rank, world_size, device = setup_distributed()
+    is_main = rank == 0
+    on_gpu = device.type == "cuda"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if on_gpu else "float32")]
+    teacher_dtype = getattr(torch, args.teacher_dtype) if args.teacher_dtype else dtype
+    per_process = args.batch_size // world_size
+    micro = args.micro_batch_size or per_process
+    if args.batch_size % (world_size * micro):
+        raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of processes ({world_size}) x "
+                         f"--micro-batch-size ({micro})")
+    if args.mode == "kd":
+        if not args.teacher:
+            raise SystemExit("error: --mode kd needs --teacher")
+        tokenizer = check_vocabularies(args.teacher, args.student)
+    else:
+        tokenizer = load_tokenizer_for(args.student)
+
+    # data: fixed responses (the dataset's own, or teacher-generated) -- off-policy, never sampled from the student
+    records = data.load_split(args.data, "train", args.data_dir)[: args.train_examples]
+    valid = data.load_split(args.valid_data, "valid", args.data_dir)[: args.valid_examples]
+    train_set = data.encode_dataset(tokenizer, records, args.max_prompt_len, args.max_len, where="train")
+    steps_per_epoch = len(train_set) // args.batch_size
+    total_steps = steps_per_epoch * args.epochs
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(train_set)} training examples do not fill one batch of {args.batch_size}")
+
+    torch.manual_seed(args.seed)  # same initialisation on every process
+    student = load_model(args.student, torch.float32, device, tokenizer.vocab_size)
+    teacher = None
+    if args.mode == "kd":
+        teacher = load_model(args.teacher, teacher_dtype, device, tokenizer.vocab_size).eval().requires_grad_(False)
+        if teacher.cfg.vocab_size != student.cfg.vocab_size:
+            raise SystemExit(f"error: teacher vocabulary ({teacher.cfg.vocab_size}) != student vocabulary "
+                             f"({student.cfg.vocab_size}): incompatible models")
+    student.train()
+    raw_student = student
+    if args.fsdp:
+        student = wrap_fsdp(student, device)
+    elif world_size > 1:
+        student = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if on_gpu else None)
+    optimizer = optimizer_for(student, args.lr, args.weight_decay)
+    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if on_gpu and dtype != torch.float32 else contextlib.nullcontext
+
+    state = {"step": 0, "epoch": 0, "best_rouge": -1.0}
+    out = Path(args.out)
+    if args.resume:
+        state = load_checkpoint(out / "last.pt", args, raw_student, optimizer, student if args.fsdp else None)
+    elif is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+    stop_at = min(total_steps, args.max_steps or total_steps)
+    bar = tqdm(total=stop_at, initial=state["step"], disable=not is_main, desc=f"{args.mode} {out.name}")
+    log = open(out / "log.jsonl", "a") if is_main else None
+    ticks = time.time()
+    while state["step"] < stop_at:
+        epoch = state["epoch"]
+        order = epoch_order(len(train_set), epoch, args.seed, rank, world_size)
+        for step_in_epoch in range(state["step"] - epoch * steps_per_epoch, steps_per_epoch):
+            mine = order[step_in_epoch * per_process:(step_in_epoch + 1) * per_process]
+            micro_batches = [tuple(t.to(device) for t in data.collate_train([train_set[i] for i in mine[j:j + micro]],
+                                                                             tokenizer.pad_id))
+                             for j in range(0, per_process, micro)]
+            lr = cosine_lr(state["step"], total_steps, args.lr, args.min_lr)
+            stats = train_step(args, student, teacher, micro_batches, optimizer, lr, world_size, autocast)
+            state["step"] += 1
+            elapsed, ticks = time.time() - ticks, time.time()
+            stats["tokens_per_s"] = sum(int(m[1].sum()) for m in micro_batches) * world_size / max(elapsed, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}")
+            if is_main and (state["step"] % args.log_every == 0 or state["step"] == stop_at):
+                log.write(json.dumps({"step": state["step"], "epoch": epoch, **stats}) + "\n")
+                log.flush()
+            if state["step"] >= stop_at:
+                break
+            if args.save_every and state["step"] % args.save_every == 0:
+                save_checkpoint(out / "last.pt", args, state, raw_student, optimizer, student if args.fsdp else None, is_main)
+        if state["step"] % steps_per_epoch == 0:  # an epoch ended: validate, keep the best, checkpoint
+            state["epoch"] = epoch + 1
+            validate_and_keep_best(args, raw_student, tokenizer, valid, state, out, is_main, world_size, log,
+                                   student if args.fsdp else None)
+        save_checkpoint(out / "last.pt", args, state, raw_student, optimizer, student if args.fsdp else None, is_main)
+    bar.close()
+    if is_main:
+        log.close()
+        plot_losses(out)
+        if args.eval_benchmarks and (out / "best").is_dir():
+            run_final_evaluation(args, out, device)
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
+
+
+def validate_and_keep_best(args, model, tokenizer, valid, state, out, is_main, world_size, log, fsdp_model=None):
+    """Validation ROUGE-L and CE on rank 0; best/ keeps the epoch with the best ROUGE-L (HF layout)."""
+    full_state = gather_fsdp_state(fsdp_model) if fsdp_model is not None else None
+    if is_main:
+        if full_state is not None:
+            model = clone_from_state(model, full_state)
+        rouge = evaluate.validation_score(model, tokenizer, valid, seed=args.seed, greedy=args.valid_greedy,
+                                          max_new_tokens=args.valid_max_new_tokens)
+        encoded = data.encode_dataset(tokenizer, valid, args.max_prompt_len, args.max_len, where="valid")
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            batches = [data.collate_train(encoded[i:i + 16], tokenizer.pad_id) for i in range(0, len(encoded), 16)]
+            sums = [(float(ce_loss(model(x.to(device), m.to(device)), y.to(device), reduction="sum")), int((y != -100).sum()))
+                    for x, m, y in batches]
+        val_loss = sum(s for s, _ in sums) / max(sum(n for _, n in sums), 1)
+        improved = rouge > state["best_rouge"]
+        if improved:
+            state["best_rouge"] = rouge
+            model.save_pretrained(str(out / "best"))
+            tokenizer.save_pretrained(str(out / "best"))
+        log.write(json.dumps({"epoch": state["epoch"], "step": state["step"], "val_rouge": rouge, "val_loss": val_loss,
+                              "best": improved}) + "\n")
+        log.flush()
+        tqdm.write(f"epoch {state['epoch']}: validation ROUGE-L {rouge:.2f}, CE {val_loss:.4f}"
+                   + (" (best so far, saved best/)" if improved else ""))
+    if world_size > 1:  # every process agrees on the best score (it is part of last.pt)
+        best = torch.tensor([state["best_rouge"]])
+        dist.broadcast(best, 0)
+        state["best_rouge"] = float(best)
+
+
+# ====================================================================================================================
+# Checkpoints: last.pt for resuming, written atomically
+
+
+def save_checkpoint(path, args, state, model, optimizer, fsdp_model, is_main):
+    if fsdp_model is not None:
+        model_state, optim_state = gather_fsdp_state(fsdp_model), gather_fsdp_optim(fsdp_model, optimizer)
+    else:
+        model_state, optim_state = model.state_dict(), optimizer.state_dict()
+    if not is_main:
+        return
+    checkpoint = {"model": model_state, "optimizer": optim_state, "state": dict(state), "args": vars(args),
+                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+    atomic_write(str(path), lambda tmp: torch.save(checkpoint, tmp))
+
+
+RESUME_MUST_MATCH = ("mode", "loss", "tau", "kd_ratio", "tau_sq", *HPARAMS, "teacher", "student", "data", "epochs",
+                     "batch_size", "lr", "min_lr", "weight_decay", "seed", "train_examples")
+
+
+def load_checkpoint(path, args, model, optimizer, fsdp_model=None):
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    changed = [k for k in RESUME_MUST_MATCH if checkpoint["args"].get(k) != getattr(args, k)]
+    if changed:
+        raise SystemExit(f"error: --resume with different settings than {path} was written with: "
+                         + ", ".join(f"{k}={checkpoint['args'].get(k)!r} -> {getattr(args, k)!r}" for k in changed))
+    if fsdp_model is not None:
+        load_fsdp_state(fsdp_model, optimizer, checkpoint)
+    else:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    random.setstate(checkpoint["rng"]["python"])
+    if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    return checkpoint["state"]
+
+
+# ====================================================================================================================
+# FSDP: shard the student's parameters, gradients and optimizer state across GPUs (see README, "Memory")
+
+
+def wrap_fsdp(model, device):
+    import functools
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from model import Block
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={Block})
+    return FSDP(model, auto_wrap_policy=policy, device_id=device if device.type == "cuda" else None,
+                use_orig_params=True)
+
+
+def gather_fsdp_state(fsdp_model):
+    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
+    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    with FSDP.state_dict_type(fsdp_model, StateDictType.FULL_STATE_DICT, config):
+        return fsdp_model.state_dict()
+
+
+def gather_fsdp_optim(fsdp_model, optimizer):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    return FSDP.full_optim_state_dict(fsdp_model, optimizer, rank0_only=True)
+
+
+def load_fsdp_state(fsdp_model, optimizer, checkpoint):
+    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
+    with FSDP.state_dict_type(fsdp_model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
+        fsdp_model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(FSDP.optim_state_dict_to_load(fsdp_model, optimizer, checkpoint["optimizer"]))
+
+
+def clone_from_state(model, state):
+    """A plain (unsharded) copy of the student on rank 0, for validation and saving under FSDP."""
+    copy = GPT(model.cfg).to(next(iter(state.values())).device)
+    copy.load_state_dict(state)
+    return copy.to(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+
+
+# ====================================================================================================================
+# After training
+
+
+def plot_losses(out):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    steps = [r for r in rows if "loss" in r]
+    if not steps:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train loss")
+    if any(r.get("kd") is not None for r in steps):
+        ax.plot([r["step"] for r in steps], [r["ce"] for r in steps], label="train CE", alpha=0.7)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    validation = [r for r in rows if "val_loss" in r]
+    if validation:
+        ax.plot([r["step"] for r in validation], [r["val_loss"] for r in validation], "o-", label="validation CE")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+    plt.close(fig)
+
+
+def run_final_evaluation(args, out, device):
+    model = GPT.from_pretrained(str(out / "best"), device=device)
+    tokenizer = data.load_tokenizer(str(out / "best"))
+    results = evaluate.evaluate(model, tokenizer, args.eval_benchmarks.split(","),
+                                [int(s) for s in args.eval_seeds.split(",")], out_dir=str(out / "best" / "eval"),
+                                data_dir=args.data_dir)
+    print(f"\n{out}: ROUGE-L of best/ (sampled, decode temperature 1)\n" + evaluate.results_table(results))
+
+
+def run_preset_prerequisites(args):
+    """--preset toy: make the toy teacher (SFT from scratch) and the student's warm start if they do not exist."""
+    preset = PRESETS.get(args.preset or "", {})
+    for key, target in (("teacher_sft", args.teacher), ("student_sft", args.student)):
+        if key not in preset or args.mode != "kd" or os.path.isdir(target) or not target.endswith("/best"):
+            continue
+        run_dir = os.path.dirname(target)
+        overrides = ["--mode", "sft", "--preset", args.preset, "--out", run_dir, "--seed", str(args.seed),
+                     "--data", args.data, "--data-dir", args.data_dir]
+        for k, v in preset[key].items():
+            overrides += [f"--{k.replace('_', '-')}", str(v)]
+        if os.path.isfile(os.path.join(run_dir, "last.pt")):
+            overrides.append("--resume")
+        print(f"{target} does not exist yet: training it first ({' '.join(overrides)})")
+        train(parse_args(overrides + ["--eval-benchmarks", ""]))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        run_preset_prerequisites(args)
+    elif args.preset == "toy" and not (os.path.isdir(args.teacher) and os.path.isdir(args.student)):
+        raise SystemExit("error: run `python train.py --preset toy` once in a single process to make the toy "
+                         "teacher and student before using torchrun")
+    train(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
