@@ -348,6 +348,8 @@ def train(args):
     if is_main:
         log.close()
         plot_losses(out)
+        if state["step"] >= total_steps:  # sweep.sh skips runs that are finished
+            (out / "finished.json").write_text(json.dumps({"step": state["step"], "best_rouge": state["best_rouge"]}))
         if args.eval_benchmarks and (out / "best").is_dir():
             run_final_evaluation(args, out, device)
     if world_size > 1:
@@ -505,28 +507,34 @@ def run_final_evaluation(args, out, device):
     print(f"\n{out}: ROUGE-L of best/ (sampled, decode temperature 1)\n" + evaluate.results_table(results))
 
 
+def missing_prerequisites(args):
+    """--preset toy: [(sub-run settings, checkpoint)] for the preset's teacher / student warm start not made yet."""
+    preset = PRESETS.get(args.preset, {})
+    if args.mode != "kd" or "teacher_sft" not in preset:
+        return []
+    pairs = [(preset["teacher_sft"], args.teacher, preset["teacher"]), (preset["student_sft"], args.student, preset["student"])]
+    return [(settings, target) for settings, target, default in pairs if target == default and not os.path.isdir(target)]
+
+
 def run_preset_prerequisites(args):
-    """--preset toy: make the toy teacher (SFT from scratch) and the student's warm start if they do not exist."""
-    preset = PRESETS.get(args.preset or "", {})
-    for key, target in (("teacher_sft", args.teacher), ("student_sft", args.student)):
-        if key not in preset or args.mode != "kd" or os.path.isdir(target) or not target.endswith("/best"):
-            continue
+    """Make the toy teacher (SFT from scratch) and the student's warm start (a short SFT) if they do not exist."""
+    for settings, target in missing_prerequisites(args):
         run_dir = os.path.dirname(target)
         overrides = ["--mode", "sft", "--preset", args.preset, "--out", run_dir, "--seed", str(args.seed),
-                     "--data", args.data, "--data-dir", args.data_dir]
-        for k, v in preset[key].items():
+                     "--data", args.data, "--data-dir", args.data_dir, "--eval-benchmarks", ""]
+        for k, v in settings.items():
             overrides += [f"--{k.replace('_', '-')}", str(v)]
-        if os.path.isfile(os.path.join(run_dir, "last.pt")):
+        if os.path.isfile(os.path.join(run_dir, "last.pt")):  # an interrupted earlier attempt: continue it
             overrides.append("--resume")
-        print(f"{target} does not exist yet: training it first ({' '.join(overrides)})")
-        train(parse_args(overrides + ["--eval-benchmarks", ""]))
+        print(f"{target} does not exist yet: training it first (train.py {' '.join(overrides)})")
+        train(parse_args(overrides))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         run_preset_prerequisites(args)
-    elif args.preset == "toy" and not (os.path.isdir(args.teacher) and os.path.isdir(args.student)):
+    elif missing_prerequisites(args):
         raise SystemExit("error: run `python train.py --preset toy` once in a single process to make the toy "
                          "teacher and student before using torchrun")
     train(args)

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The paper's grid: every objective x every KD temperature, each best checkpoint evaluated over five sampling
+# seeds, then the tables and plots of `python evaluate.py summarize`.
+#
+#   bash sweep.sh                                  # PRESET=gpt2 on every GPU of this machine
+#   PRESET=toy SEEDS="1 2 3" bash sweep.sh         # the offline toy study on a CPU
+#   PRESET=opt NPROC=8 LOSSES="fkl rkl" TAUS="1 3" bash sweep.sh
+#   DRY_RUN=1 bash sweep.sh                        # print every command, run nothing
+#
+# Finished runs (best/eval/results.json present) are skipped and interrupted ones resumed, so the same command
+# continues an interrupted sweep. EXTRA="--micro-batch-size 4" passes flags to every train.py call.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PRESET=${PRESET:-gpt2}
+LOSSES=${LOSSES:-"fkl rkl sym js sfkl srkl akl ab drkl tvd"}
+TAUS=${TAUS:-"1 1.5 2 2.5 3 3.5 4"}
+TAU1_ONLY=${TAU1_ONLY:-"ab drkl"}          # the paper reports these at tau = 1 only
+SEEDS=${SEEDS:-"1"}                        # training seeds
+EVAL_SEEDS=${EVAL_SEEDS:-"10,20,30,40,50"} # sampling seeds of the evaluation
+RUNS=${RUNS:-runs/$PRESET}
+EXTRA=${EXTRA:-}
+PYTHON=${PYTHON:-python}
+if [ "$PRESET" = toy ]; then
+  BENCHMARKS=${BENCHMARKS:-toy,toy-hard}
+  NPROC=${NPROC:-1}
+else
+  BENCHMARKS=${BENCHMARKS:-dolly,self-inst,vicuna,sinst,uinst}
+  NPROC=${NPROC:-$($PYTHON -c "import torch; print(max(torch.cuda.device_count(), 1))")}
+fi
+TEACHER=$($PYTHON -c "import train; print(train.PRESETS['$PRESET']['teacher'])")
+
+run() {  # print, then run unless DRY_RUN is set
+  echo "+ $*"
+  if [ -z "${DRY_RUN:-}" ]; then "$@"; fi
+}
+
+if [ "$NPROC" -gt 1 ]; then LAUNCH=(torchrun --nproc_per_node "$NPROC"); else LAUNCH=("$PYTHON"); fi
+
+evaluate() {  # evaluate() MODEL_DIR: the protocol's sampled ROUGE-L over every benchmark and seed
+  if [ -f "$1/eval/results.json" ]; then echo "= $1 already evaluated"; return; fi
+  run "$PYTHON" evaluate.py --model "$1" --benchmarks "$BENCHMARKS" --seeds "$EVAL_SEEDS" --out "$1/eval"
+}
+
+for seed in $SEEDS; do
+  for loss in $LOSSES; do
+    for tau in $TAUS; do
+      if [[ " $TAU1_ONLY " == *" $loss "* ]] && [ "$tau" != 1 ]; then continue; fi
+      out="$RUNS/$loss-tau$tau-seed$seed"
+      if [ ! -f "$out/finished.json" ]; then
+        resume=()
+        if [ -f "$out/last.pt" ]; then resume=(--resume); fi
+        # shellcheck disable=SC2086
+        run "${LAUNCH[@]}" train.py --preset "$PRESET" --loss "$loss" --tau "$tau" --seed "$seed" --out "$out" \
+          --eval-benchmarks "" "${resume[@]}" $EXTRA
+      fi
+      evaluate "$out/best"
+    done
+  done
+done
+
+# The teacher's row of the tables: a local teacher directory is scored in place; a hub teacher into $RUNS/teacher.
+if [ -d "$TEACHER" ]; then
+  evaluate "$TEACHER"
+else
+  if [ -z "${DRY_RUN:-}" ]; then
+    mkdir -p "$RUNS/teacher/best"
+    echo "{\"mode\": \"sft\", \"student\": \"$TEACHER\"}" > "$RUNS/teacher/args.json"
+  fi
+  if [ ! -f "$RUNS/teacher/best/eval/results.json" ]; then
+    run "$PYTHON" evaluate.py --model "$TEACHER" --benchmarks "$BENCHMARKS" --seeds "$EVAL_SEEDS" --out "$RUNS/teacher/best/eval"
+  fi
+fi
+run "$PYTHON" evaluate.py summarize "$RUNS"

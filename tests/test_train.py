@@ -1,0 +1,130 @@
+"""train.py: DDP equivalence, exact resume, the toy preset end to end, and the errors raised before any work."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import evaluate
+import train
+from conftest import ROOT
+from model import GPT
+
+TINY = ["--data", "toy", "--train-examples", "64", "--valid-examples", "4", "--valid-max-new-tokens", "8",
+        "--eval-benchmarks", "", "--log-every", "1"]
+
+
+def make_teacher(tmp_path):
+    """A tiny from-scratch toy teacher saved like a real one (config, weights, tokenizer files)."""
+    out = tmp_path / "teacher"
+    train.main(["--preset", "toy", "--mode", "sft", "--student", "toy-tiny", "--batch-size", "16", "--epochs", "1",
+                "--out", str(out), *TINY])
+    return out / "best"
+
+
+def weights(run_dir):
+    return torch.load(os.path.join(run_dir, "last.pt"), map_location="cpu", weights_only=True)["model"]
+
+
+def run_torchrun(nproc, argv, cwd):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           os.path.join(ROOT, "train.py"), *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_two_process_ddp_equals_one_process(tmp_path):
+    teacher = make_teacher(tmp_path)
+    common = ["--preset", "toy", "--teacher", str(teacher), "--student", "toy-tiny", "--loss", "rkl", "--tau", "2",
+              "--batch-size", "8", "--micro-batch-size", "2", "--epochs", "1", "--max-steps", "4", *TINY]
+    run_torchrun(2, [*common, "--out", str(tmp_path / "ddp")], tmp_path)
+    train.main([*common, "--out", str(tmp_path / "single")])
+    ddp, single = weights(tmp_path / "ddp"), weights(tmp_path / "single")
+    start = GPT(train.load_model("toy-tiny", torch.float32, "cpu").cfg)
+    assert any(not torch.allclose(single[k], v) for k, v in start.state_dict().items()), "training changed nothing"
+    for key in single:
+        assert torch.allclose(ddp[key], single[key], atol=1e-5), key
+
+
+def test_micro_batching_does_not_change_the_step(tmp_path):
+    teacher = make_teacher(tmp_path)
+    common = ["--preset", "toy", "--teacher", str(teacher), "--student", "toy-tiny", "--loss", "fkl", "--tau", "3",
+              "--batch-size", "8", "--epochs", "1", "--max-steps", "3", *TINY]
+    train.main([*common, "--out", str(tmp_path / "whole")])
+    train.main([*common, "--micro-batch-size", "1", "--out", str(tmp_path / "micro")])
+    whole, micro = weights(tmp_path / "whole"), weights(tmp_path / "micro")
+    assert all(torch.allclose(whole[k], micro[k], atol=1e-5) for k in whole)
+
+
+def test_kill_and_resume_equals_a_straight_run(tmp_path):
+    teacher = make_teacher(tmp_path)
+    common = ["--preset", "toy", "--teacher", str(teacher), "--student", "toy-tiny", "--loss", "js", "--tau", "2.5",
+              "--batch-size", "8", "--epochs", "2", *TINY]
+    train.main([*common, "--out", str(tmp_path / "straight"), "--max-steps", "12"])
+    train.main([*common, "--out", str(tmp_path / "cut"), "--max-steps", "5"])  # stops mid-epoch 0
+    with pytest.raises(SystemExit, match="holds another run's checkpoint"):
+        train.main([*common, "--out", str(tmp_path / "cut"), "--max-steps", "12"])
+    train.main([*common, "--out", str(tmp_path / "cut"), "--max-steps", "12", "--resume"])  # crosses epoch 0 -> 1
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "cut")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "cut" / "log.jsonl") if '"loss"' in l]
+    assert steps == list(range(1, 13))
+    with pytest.raises(SystemExit, match=r"different settings.*tau=2.5 -> 3.0"):
+        train.main([*common[:-len(TINY)], "--tau", "3", *TINY, "--out", str(tmp_path / "cut"), "--max-steps", "14",
+                    "--resume"])
+
+
+def test_toy_preset_end_to_end(tmp_path, monkeypatch):
+    """--preset toy with tiny sizes: teacher SFT and student warm start are made first, then KD, then evaluation."""
+    monkeypatch.chdir(tmp_path)
+    toy = dict(train.PRESETS["toy"], train_examples=64, valid_examples=4, eval_seeds="10,20",
+               teacher_sft=dict(student="toy-tiny", lr=1e-2, epochs=40, batch_size=8, train_examples=16),
+               student_sft=dict(student="toy-tiny", lr=3e-3, epochs=1, batch_size=16, train_examples=32))
+    monkeypatch.setitem(train.PRESETS, "toy", toy)
+    monkeypatch.setattr(data, "TOY_SPLITS", dict(data.TOY_SPLITS, test=6, **{"test-hard": 6}))
+    train.main(["--preset", "toy", "--loss", "fkl", "--tau", "3", "--batch-size", "16", "--valid-max-new-tokens", "8"])
+    run = tmp_path / "runs/toy/fkl-tau3"
+    for path in ("best/config.json", "best/model.safetensors", "best/vocab.json", "log.jsonl", "args.json",
+                 "last.pt", "best/eval/results.json", "best/eval/predictions-toy-seed10.jsonl"):
+        assert (run / path).is_file(), path
+    results = json.loads((run / "best/eval/results.json").read_text())["benchmarks"]
+    assert set(results) == {"toy", "toy-hard"} and set(results["toy"]["scores"]) == {"10", "20"}
+    log = [json.loads(l) for l in open(run / "log.jsonl")]
+    assert any("val_rouge" in r for r in log) and all(r["kd"] is not None for r in log if "loss" in r)
+    # the teacher made for the run learned its training data: far above an untrained model
+    teacher = GPT.from_pretrained(str(tmp_path / "runs/toy/teacher/best"))
+    tokenizer = data.load_tokenizer(str(tmp_path / "runs/toy/teacher/best"))
+    seen = data.toy_split("train")[:16:2]
+    trained = evaluate.score(seen, evaluate.generate_responses(teacher, tokenizer, seen, seed=0, temperature=0.0,
+                                                               max_new_tokens=48, progress=False))
+    assert trained > 20, trained  # an untrained model scores ~0
+    assert (tmp_path / "runs/toy/student-init/best/model.safetensors").is_file()
+
+
+def test_errors_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="unknown loss 'kl'"):
+        train.parse_args(["--preset", "toy", "--loss", "kl"])
+    with pytest.raises(SystemExit, match="--tau must be > 0"):
+        train.parse_args(["--preset", "toy", "--tau", "0"])
+    with pytest.raises(SystemExit, match=r"data/dolly/train.jsonl is missing: run `python data.py prepare`"):
+        train.parse_args(["--loss", "fkl", "--tau", "3"])
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy/last.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="holds another run's checkpoint"):
+        train.parse_args(["--preset", "toy", "--out", str(tmp_path / "busy")])
+    with pytest.raises(SystemExit, match="must be a multiple"):
+        train.train(train.parse_args(["--preset", "toy", "--mode", "sft", "--student", "toy-tiny", "--batch-size", "10",
+                                      "--micro-batch-size", "4", "--out", str(tmp_path / "x")]))
+    # a teacher with another tokenizer
+    other = tmp_path / "other-teacher"
+    from test_data import write_bpe
+    write_bpe(other)
+    with pytest.raises(SystemExit, match="incompatible vocabularies"):
+        train.train(train.parse_args(["--preset", "toy", "--teacher", str(other), "--student", "toy-tiny",
+                                      "--out", str(tmp_path / "y")]))
