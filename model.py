@@ -3,8 +3,7 @@
 The families differ in a few switches (activation, position offset, pre/post layer norm, an embedding projection)
 held in `GPTConfig`, and in Hugging Face's weight names, one table per family (`HF_NAMES`). The rest is shared:
     model = GPT.from_pretrained("gpt2")          # a hub id or a local Hugging Face directory
-    logits = model(input_ids, attention_mask)    # (B, T, V)
-    new_tokens = model.generate(prompts, attention_mask, max_new_tokens=64, eos_token_id=50256)
+    logits = model(input_ids, attention_mask)    # (B, T, V); model.generate(...) samples with a KV cache
 """
 import functools
 import json
@@ -110,10 +109,10 @@ class GPT(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def forward(self, input_ids, attention_mask=None, *, cache=None, cache_pos=0, positions=None):
+    def forward(self, input_ids, attention_mask=None, *, cache=None, cache_pos=0, positions=None, last_only=False):
         """input_ids (B, T) -> float32 logits (B, T, V). attention_mask (B, S) is 1 on real tokens and covers the
         cache and the new tokens (S = cache_pos + T). Positions count real tokens only, so a left- or right-padded
-        row gets the same logits as the unpadded one."""
+        row gets the same logits as the unpadded one. last_only: logits of the last position only (sampling)."""
         (B, T), mask = input_ids.shape, None
         if attention_mask is not None and not bool(attention_mask.all()):
             attention_mask, S = attention_mask.bool(), attention_mask.shape[1]
@@ -130,8 +129,8 @@ class GPT(nn.Module):
         x = self.proj_in(self.tok_emb(input_ids)) + self.pos_emb(positions + self.cfg.pos_offset)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, None if cache is None else cache[i], cache_pos)
-        x = self.proj_out(self.ln_f(x))
-        return F.linear(x, self.tok_emb.weight).float()  # (B, T, V)
+        x = self.proj_out(self.ln_f(x[:, -1:] if last_only else x))
+        return F.linear(x, self.tok_emb.weight).float()  # (B, T, V), or (B, 1, V)
 
     # --- Sampling with a pre-allocated KV cache ------------------------------------------------------------------
 
@@ -148,12 +147,11 @@ class GPT(nn.Module):
         S, H, L = T0 + max_new_tokens, self.cfg.n_head, self.cfg.n_layer
         # (L, k/v, B, H, S, D): allocated once, so decoding never copies a growing cache
         cache = self.tok_emb.weight.new_empty(L, 2, B, H, S, self.cfg.n_embd // H)
-        mask = torch.zeros(B, S, dtype=torch.bool, device=input_ids.device)
-        mask[:, :T0] = attention_mask.bool()
+        mask = torch.cat([attention_mask.bool(), attention_mask.new_zeros(B, max_new_tokens, dtype=torch.bool)], 1)
         next_pos = attention_mask.long().sum(1, keepdim=True)  # (B, 1): the position of each row's next token
         seen = [_NgramIndex(no_repeat_ngram_size, row[m.bool()].tolist()) for row, m in zip(input_ids, attention_mask)] \
             if no_repeat_ngram_size > 0 else []
-        logits = self(input_ids, mask[:, :T0], cache=cache)[:, -1]  # (B, V)
+        logits = self(input_ids, mask[:, :T0], cache=cache, last_only=True)[:, -1]  # (B, V)
         finished, new_tokens = torch.zeros(B, dtype=torch.bool, device=input_ids.device), []
         for step in range(max_new_tokens):
             for row, index in enumerate(seen):  # forbid tokens that would repeat an n-gram of this row
@@ -168,8 +166,7 @@ class GPT(nn.Module):
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
             mask[:, T0 + step] = True
-            logits = self(token[:, None], mask[:, :T0 + step + 1], cache=cache, cache_pos=T0 + step,
-                          positions=next_pos)[:, -1]
+            logits = self(token[:, None], mask[:, :T0 + step + 1], cache=cache, cache_pos=T0 + step, positions=next_pos)[:, -1]
             next_pos = next_pos + 1
         return torch.stack(new_tokens, 1) if new_tokens else input_ids.new_zeros(B, 0)
 
@@ -237,7 +234,10 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # mass before a token already exceeds top_p; the top-1 always stays
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    # inverse-CDF sampling: one uniform number per row (torch.multinomial is several times slower on CPU)
+    cdf = logits.softmax(-1).cumsum_(-1)
+    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)  # zero-mass tokens never won
 
 
 class _NgramIndex:

@@ -9,6 +9,7 @@ Prints, from one process:
 """
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -20,14 +21,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT  # noqa: E402
 
 
-def best_time(fn, repeats):
-    fn()  # warm-up
-    times = []
+def time_pair(ours, theirs, repeats):
+    """Seconds per call of each, timed alternately (a shared CPU drifts; alternating keeps the comparison fair).
+    Returns the medians."""
+    ours(), theirs()  # warm-up
+    t_ours, t_theirs = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for fn, times in ((ours, t_ours), (theirs, t_theirs)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(t_ours), statistics.median(t_theirs)
 
 
 def main():
@@ -35,7 +39,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     import transformers
     torch.manual_seed(0)
@@ -54,8 +58,7 @@ def main():
         F.cross_entropy(logits[:, :-1].reshape(-1, 50257), ids[:, 1:].reshape(-1)).backward()
         model.zero_grad(set_to_none=True)
     ours.train(); theirs.train()
-    t_ours = best_time(lambda: step(ours, False), args.repeats)
-    t_theirs = best_time(lambda: step(theirs, True), args.repeats)
+    t_ours, t_theirs = time_pair(lambda: step(ours, False), lambda: step(theirs, True), args.repeats)
     tokens = args.batch * args.seq
     print(f"train step  ours {tokens / t_ours:8.0f} tok/s   transformers {tokens / t_theirs:8.0f} tok/s   "
           f"ratio {t_theirs / t_ours:.2f}x  (goal >= 1.2x)")
@@ -64,7 +67,7 @@ def main():
     n_matmul = sum(p.numel() for n, p in ours.named_parameters() if p.dim() == 2 and "pos_emb" not in n)
     flops = tokens * (6 * n_matmul + 12 * cfg.n_layer * args.seq * cfg.n_embd)  # PaLM's count; tok_emb = the head
     a, b = torch.randn(2048, 2048, device=args.device), torch.randn(2048, 2048, device=args.device)
-    t_mm = best_time(lambda: a @ b, 5)
+    t_mm = min(time_pair(lambda: a @ b, lambda: a @ b, 5))
     peak = 2 * 2048**3 / t_mm
     print(f"MFU         train step {flops / t_ours / 1e9:6.1f} GFLOP/s, fp32 matmul {peak / 1e9:6.1f} GFLOP/s, "
           f"MFU {100 * flops / t_ours / peak:.0f}%  (goal >= 60%)")
@@ -78,8 +81,7 @@ def main():
     gen_theirs = lambda: theirs.generate(prompt, attention_mask=mask, max_new_tokens=128, min_new_tokens=128,
                                          do_sample=True, top_k=0, top_p=1.0, pad_token_id=50256)
     with torch.no_grad():
-        t_ours = best_time(gen_ours, max(1, args.repeats - 1))
-        t_theirs = best_time(gen_theirs, max(1, args.repeats - 1))
+        t_ours, t_theirs = time_pair(gen_ours, gen_theirs, args.repeats)
     print(f"generation  ours {8 * 128 / t_ours:8.0f} tok/s   transformers {8 * 128 / t_theirs:8.0f} tok/s   "
           f"ratio {t_theirs / t_ours:.2f}x  (goal >= 1.5x)")
 

@@ -192,3 +192,19 @@ def test_bad_checkpoints_give_one_clear_message(hf_model_dir, tmp_path):
     os.remove(os.path.join(path, "config.json"))
     with pytest.raises(FileNotFoundError, match="missing config.json"):
         GPT.from_pretrained(path)
+
+
+def test_sampling_follows_the_distribution_and_never_picks_masked_tokens():
+    from model import sample_next
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.log().expand(20_000, 5).clone()  # log 0 = -inf: a masked token
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample_next(logits, generator=g), minlength=5).float() / 20_000
+    assert (counts - probs).abs().max() < 0.015 and counts[4] == 0
+    hot = torch.bincount(sample_next(logits, temperature=0.5, generator=g), minlength=5).float() / 20_000
+    sharpened = probs**2 / (probs**2).sum()  # temperature 0.5 squares the probabilities
+    assert (hot - sharpened).abs().max() < 0.015
+    top2 = torch.bincount(sample_next(logits, top_k=2, generator=g), minlength=5).float() / 20_000
+    assert (top2 - torch.tensor([0.625, 0.375, 0, 0, 0])).abs().max() < 0.015
+    nucleus = torch.bincount(sample_next(logits, top_p=0.7, generator=g), minlength=5).float() / 20_000
+    assert (nucleus - torch.tensor([0.625, 0.375, 0, 0, 0])).abs().max() < 0.015  # 0.5 + 0.3 reaches 0.7
