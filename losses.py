@@ -187,7 +187,7 @@ def _token_loss(per_token, student_logits, teacher_logits, labels, tau, reductio
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     V = student_logits.shape[-1]
     rows = (labels.reshape(-1) != -100).nonzero()[:, 0]  # the response positions, (N,)
-    chunk_size = chunk_size or max(1, 2**22 // V)  # ~16 MB of float32 per (chunk, V) temporary
+    chunk_size = chunk_size or max(1, 2**21 // V)  # ~8 MB of float32 per (chunk, V) temporary
     teacher = None if teacher_logits is None else teacher_logits.detach().reshape(-1, V)
     total = _ChunkedSum.apply(student_logits, teacher, labels.reshape(-1), rows, per_token, tau, chunk_size)
     return total / max(len(rows), 1) if reduction == "mean" else total
@@ -212,16 +212,15 @@ class _ChunkedSum(torch.autograd.Function):
             if want_grad:
                 grad[idx] = torch.autograd.grad(value, s)[0]
             total += value.detach()
-        ctx.save_for_backward(grad)
-        ctx.shape, ctx.dtype, ctx.consumed = student_logits.shape, student_logits.dtype, False
+        # Kept on ctx rather than save_for_backward, so backward can hand the buffer itself to autograd (no copy).
+        ctx.grad, ctx.shape, ctx.dtype = grad, student_logits.shape, student_logits.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.consumed:  # the buffer was scaled in place below; a second pass would scale it twice
+        if ctx.grad is None:  # the buffer was handed out by a first backward pass
             raise RuntimeError("backward through distill_loss/ce_loss twice is not supported")
-        ctx.consumed = True
-        (grad,) = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None
         grad = grad.mul_(grad_output).view(ctx.shape)  # in place: no second logits-sized copy
         if ctx.dtype != torch.float32:  # saturate rather than overflow: fp16 cannot hold |g| > 65504
             limit = torch.finfo(ctx.dtype).max

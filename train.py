@@ -207,6 +207,20 @@ def epoch_order(n_examples, epoch, seed, rank, world_size):
 # One optimizer step
 
 
+@contextlib.contextmanager
+def gradient_sync(model, enabled):
+    """Skip the gradient all-reduce of all but the last micro-batch (DDP's no_sync, FSDP2's switch)."""
+    if enabled or not hasattr(model, "no_sync") and not hasattr(model, "set_requires_gradient_sync"):
+        yield
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        model.set_requires_gradient_sync(False)
+        yield
+        model.set_requires_gradient_sync(True)
+
+
 def train_step(args, student, teacher, micro_batches, optimizer, lr, world_size, autocast):
     """Forward/backward every micro-batch of this process, then one clipped AdamW step. Returns log values.
 
@@ -219,8 +233,7 @@ def train_step(args, student, teacher, micro_batches, optimizer, lr, world_size,
     sums = {"ce": 0.0, "kd": 0.0}
     for i, (input_ids, attention_mask, labels) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or world_size == 1 else student.no_sync()  # one all-reduce per step
-        with sync:
+        with gradient_sync(student, last or world_size == 1):  # one gradient all-reduce per step, after the last
             if teacher is not None:
                 with torch.no_grad(), autocast():
                     teacher_logits = teacher(input_ids, attention_mask)                # (b, T, V), frozen
@@ -244,9 +257,8 @@ def train_step(args, student, teacher, micro_batches, optimizer, lr, world_size,
         sums["kd"] += kd.item() if kd is not None else 0.0
     for group in optimizer.param_groups:
         group["lr"] = lr
-    # FSDP computes the norm over all shards itself
-    grad_norm = student.clip_grad_norm_(1.0) if hasattr(student, "clip_grad_norm_") else \
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a sharded norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     logged = torch.tensor([sums["ce"], sums["kd"]])
@@ -433,32 +445,35 @@ def load_checkpoint(path, args, model, optimizer, fsdp_model=None):
 
 
 def wrap_fsdp(model, device):
-    import functools
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-    from model import Block
-    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={Block})
-    return FSDP(model, auto_wrap_policy=policy, device_id=device if device.type == "cuda" else None,
-                use_orig_params=True)
+    """FSDP2: each block, then the whole model, shards its parameters over the processes (CPU works too, on gloo)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _full_state_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
 
 def gather_fsdp_state(fsdp_model):
-    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
-    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-    with FSDP.state_dict_type(fsdp_model, StateDictType.FULL_STATE_DICT, config):
-        return fsdp_model.state_dict()
+    """The unsharded model state dict on rank 0 (gathered shard by shard, kept on CPU)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return get_model_state_dict(fsdp_model, options=_full_state_options())
 
 
 def gather_fsdp_optim(fsdp_model, optimizer):
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    return FSDP.full_optim_state_dict(fsdp_model, optimizer, rank0_only=True)
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    return get_optimizer_state_dict(fsdp_model, optimizer, options=_full_state_options())
 
 
 def load_fsdp_state(fsdp_model, optimizer, checkpoint):
-    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
-    with FSDP.state_dict_type(fsdp_model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
-        fsdp_model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(FSDP.optim_state_dict_to_load(fsdp_model, optimizer, checkpoint["optimizer"]))
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    set_model_state_dict(fsdp_model, checkpoint["model"], options=_full_state_options())
+    set_optimizer_state_dict(fsdp_model, optimizer, checkpoint["optimizer"], options=_full_state_options())
 
 
 def clone_from_state(model, state):

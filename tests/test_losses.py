@@ -297,3 +297,11 @@ def test_all_positions_masked_gives_zero_and_zero_gradient(name):
     loss = distill_loss(name, student, teacher, torch.full_like(labels, -100))
     loss.backward()
     assert loss.item() == 0.0 and (student.grad == 0).all()
+
+
+def test_a_second_backward_is_refused_not_silently_wrong():
+    student, teacher, labels = batch()
+    loss = distill_loss("fkl", student, teacher, labels, tau=2.0)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice is not supported"):
+        loss.backward()

@@ -128,3 +128,16 @@ def test_errors_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="incompatible vocabularies"):
         train.train(train.parse_args(["--preset", "toy", "--teacher", str(other), "--student", "toy-tiny",
                                       "--out", str(tmp_path / "y")]))
+
+
+def test_fsdp_two_processes_equal_one_process_also_across_a_resume(tmp_path):
+    teacher = make_teacher(tmp_path)
+    common = ["--preset", "toy", "--teacher", str(teacher), "--student", "toy-tiny", "--loss", "sfkl", "--tau", "2",
+              "--batch-size", "8", "--micro-batch-size", "2", "--epochs", "1", *TINY]
+    run_torchrun(2, [*common, "--fsdp", "--max-steps", "3", "--out", str(tmp_path / "fsdp")], tmp_path)
+    run_torchrun(2, [*common, "--fsdp", "--max-steps", "6", "--resume", "--out", str(tmp_path / "fsdp")], tmp_path)
+    train.main([*common, "--max-steps", "6", "--out", str(tmp_path / "single")])
+    sharded, single = weights(tmp_path / "fsdp"), weights(tmp_path / "single")
+    assert set(sharded) == set(single)
+    for key in single:
+        assert torch.allclose(sharded[key], single[key], atol=1e-5), key

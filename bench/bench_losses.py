@@ -1,0 +1,81 @@
+"""Memory and speed of losses.py against a naive, unchunked implementation of the same objectives.
+
+    python bench/bench_losses.py                 # B=4, T=512, V=50257, float32 logits, on this CPU
+    python bench/bench_losses.py --losses fkl,rkl
+
+For each objective, in a fresh process (peak RSS is per process): the extra peak memory of loss + backward,
+divided by the size of one float32 logits tensor (goal <= 2x), and the time of ours / naive.
+"naive" = the same per-token formula on the whole (B*T, V) batch under plain autograd: every intermediate of
+every position stays alive until backward, as in a straightforward implementation.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import losses  # noqa: E402
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def naive_loss(name, student_logits, teacher_logits, labels, tau):
+    rows = labels.reshape(-1) != -100
+    V = student_logits.shape[-1]
+    log_q = torch.log_softmax(student_logits.reshape(-1, V)[rows] / tau, -1)
+    log_p = torch.log_softmax(teacher_logits.reshape(-1, V)[rows] / tau, -1)
+    return losses.LOSSES[name](log_p, log_q, labels.reshape(-1)[rows]).mean()
+
+
+def measure_one(name, impl, B, T, V):
+    """Runs in a child process: prints {"extra": bytes, "seconds": s}."""
+    torch.manual_seed(0)
+    student = torch.randn(B, T, V, requires_grad=True)
+    teacher = torch.randn(B, T, V)
+    labels = torch.randint(0, V, (B, T))
+    labels[:, : T // 8] = -100  # a prompt
+    before = rss_bytes()
+    start = time.perf_counter()
+    if impl == "ours":
+        loss = losses.distill_loss(name, student, teacher, labels, tau=2.0)
+    else:
+        loss = naive_loss(name, student, teacher, labels, tau=2.0)
+    loss.backward()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"extra": peak - before, "seconds": seconds}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--losses", default=",".join(losses.LOSSES))
+    p.add_argument("--B", type=int, default=4)
+    p.add_argument("--T", type=int, default=512)
+    p.add_argument("--V", type=int, default=50257)
+    p.add_argument("--one", nargs=2, metavar=("LOSS", "IMPL"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        return measure_one(*args.one, args.B, args.T, args.V)
+    logits_bytes = args.B * args.T * args.V * 4
+    print(f"B={args.B} T={args.T} V={args.V}: one float32 logits tensor = {logits_bytes / 2**20:.0f} MiB")
+    print("| objective | ours: extra peak / logits | naive: extra peak / logits | time ours / naive |")
+    print("|---|---|---|---|")
+    for name in args.losses.split(","):
+        result = {}
+        for impl in ("ours", "naive"):
+            cmd = [sys.executable, __file__, "--one", name, impl, "--B", str(args.B), "--T", str(args.T), "--V", str(args.V)]
+            result[impl] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+        print(f"| {name} | {result['ours']['extra'] / logits_bytes:.2f}x | {result['naive']['extra'] / logits_bytes:.2f}x "
+              f"| {result['ours']['seconds'] / result['naive']['seconds']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
