@@ -43,7 +43,7 @@ PRESETS = {
     "toy": dict(teacher="runs/toy/teacher/best", student="runs/toy/student-init/best", data="toy", lr=1e-3,
                 epochs=1, batch_size=16, train_examples=12_800, valid_examples=100, out="runs/toy",
                 eval_benchmarks="toy,toy-hard", eval_seeds="10,20,30",
-                teacher_sft=dict(student="toy-teacher", lr=2e-3, epochs=1, batch_size=64, train_examples=20_000),
+                teacher_sft=dict(student="toy-teacher", lr=2e-3, epochs=1, batch_size=64, train_examples=6_400),
                 student_sft=dict(student="toy-student", lr=2e-3, epochs=1, batch_size=32, train_examples=3_200)),
 }
 DEFAULTS = dict(preset="gpt2", mode="kd", loss="fkl", tau=1.0, kd_ratio=1.0, epochs=20, batch_size=32,
