@@ -465,12 +465,13 @@ def collate_prompts(prompts, pad_id):
 
 
 def teacher_responses(model_path, benchmark, out, batch_size=16, seed=0, max_new_tokens=256, data_dir=DATA_DIR,
-                      device=None):
-    """Sample the teacher's response to every training prompt once and write them in our schema.
-    Resumable: lines already in `out` are kept and their prompts skipped."""
+                      device=None, limit=None):
+    """Sample the teacher's response to every training prompt once (the first `limit`) and write them in our
+    schema. Resumable: lines already in `out` are kept and their prompts skipped; batch b samples with a
+    generator seeded by (seed, its first index), so a resumed file equals an uninterrupted one."""
     from tqdm import tqdm
     from model import GPT
-    records = load_split(benchmark, "train", data_dir)
+    records = load_split(benchmark, "train", data_dir)[:limit]
     done = len(read_jsonl(out)) if os.path.isfile(out) else 0
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = GPT.from_pretrained(model_path, device=device)
@@ -478,7 +479,9 @@ def teacher_responses(model_path, benchmark, out, batch_size=16, seed=0, max_new
     with open(out, "a", encoding="utf-8") as f, tqdm(total=len(records), initial=done, desc="teacher responses") as bar:
         for start in range(done, len(records), batch_size):
             batch = records[start:start + batch_size]
-            prompts = [encode_example(tokenizer, r["prompt"])[0] for r in batch]
+            # a prompt that cannot be cut at its marker keeps its last 256 tokens, so lines stay aligned for resuming
+            prompts = [(encode_example(tokenizer, r["prompt"]) or (tokenizer.encode(r["prompt"])[-256:],))[0]
+                       for r in batch]
             input_ids, mask = collate_prompts(prompts, tokenizer.pad_id)
             generator = torch.Generator(device).manual_seed(seed * 1_000_003 + start)  # same samples after a resume
             new = model.generate(input_ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
@@ -505,12 +508,13 @@ def main(argv=None):
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--data-dir", default=DATA_DIR)
+    gen.add_argument("--limit", type=int, default=None, help="only the first N training prompts")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         prepare(args.benchmarks.split(","), args.data_dir, args.force)
     else:
         teacher_responses(args.model, args.benchmark, args.out, args.batch_size, args.seed, args.max_new_tokens,
-                          args.data_dir)
+                          args.data_dir, limit=args.limit)
 
 
 if __name__ == "__main__":

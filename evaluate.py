@@ -20,6 +20,15 @@ from tqdm import tqdm
 import data
 
 PROTOCOL = dict(temperature=1.0, top_k=0, top_p=1.0, no_repeat_ngram_size=6, max_new_tokens=256)
+# The protocol's n-gram block counts GPT-2 BPE tokens (~4 bytes of English each). With the toy's byte tokenizer,
+# 6 bytes would forbid copying any 6-letter piece of the prompt - a creature's name, say - so the same block
+# there is 6 x 4 = 24 bytes.
+BYTES_PER_BPE_TOKEN = 4
+
+
+def protocol_ngram_size(tokenizer, tokens=PROTOCOL["no_repeat_ngram_size"]):
+    """no_repeat_ngram_size in this tokenizer's units: as given for BPE, x4 for the byte-level tokenizer."""
+    return tokens * BYTES_PER_BPE_TOKEN if tokenizer.vocab_size <= 257 else tokens
 SEEDS = (10, 20, 30, 40, 50)
 PAPER_AVERAGE = ("dolly", "sinst", "uinst")  # Table 1 averages these three
 
@@ -39,10 +48,11 @@ def rouge_l(prediction, references):
 @torch.no_grad()
 def generate_responses(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256, progress=True,
                        desc="generating", **decoding):
-    """One sampled response per record, in order. `decoding` overrides PROTOCOL (e.g. temperature=0: greedy).
+    """One sampled response per record, in order. `decoding` overrides PROTOCOL (e.g. temperature=0: greedy);
+    the n-gram block defaults to the protocol's, in the tokenizer's units (protocol_ngram_size).
     Prompts are sorted by length so batches carry little padding; batch b samples from a generator seeded by
     (seed, b), so the same seed gives the same responses."""
-    decoding = {**PROTOCOL, **decoding}
+    decoding = {**PROTOCOL, "no_repeat_ngram_size": protocol_ngram_size(tokenizer), **decoding}
     device = next(model.parameters()).device
     encoded = [data.encode_example(tokenizer, r["prompt"], max_prompt_len=max_prompt_len) for r in records]
     order = sorted((i for i, e in enumerate(encoded) if e is not None), key=lambda i: len(encoded[i][0]))
@@ -100,7 +110,8 @@ def evaluate(model, tokenizer, benchmarks, seeds=SEEDS, batch_size=32, out_dir=N
                               "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(records)}
     if out_dir:
         from model import atomic_write
-        payload = json.dumps({"benchmarks": results, "decoding": {**PROTOCOL, **decoding}, "seeds": list(seeds)}, indent=1)
+        used = {**PROTOCOL, "no_repeat_ngram_size": protocol_ngram_size(tokenizer), **decoding}
+        payload = json.dumps({"benchmarks": results, "decoding": used, "seeds": list(seeds)}, indent=1)
         atomic_write(os.path.join(out_dir, "results.json"), lambda tmp: Path(tmp).write_text(payload))
     return results
 
@@ -235,7 +246,8 @@ def main(argv=None):
     parser.add_argument("--max-examples", type=int, default=None, help="score only the first N examples")
     parser.add_argument("--decode-temperature", type=float, default=1.0,
                         help="sampling temperature (the protocol's 1.0; 0 = greedy); unrelated to the KD tau")
-    parser.add_argument("--no-repeat-ngram-size", type=int, default=PROTOCOL["no_repeat_ngram_size"])
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=None,
+                        help="default: the protocol's 6 BPE tokens (24 bytes with the toy's byte tokenizer)")
     parser.add_argument("--max-new-tokens", type=int, default=PROTOCOL["max_new_tokens"])
     parser.add_argument("--data-dir", default=data.DATA_DIR)
     parser.add_argument("--out", default=None, help="default: <model>/eval")
@@ -245,9 +257,10 @@ def main(argv=None):
     model = GPT.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     tokenizer = data.load_tokenizer(args.tokenizer or args.model)
     out = args.out or (os.path.join(args.model, "eval") if os.path.isdir(args.model) else os.path.join("eval", args.model))
+    ngram = {} if args.no_repeat_ngram_size is None else {"no_repeat_ngram_size": args.no_repeat_ngram_size}
     results = evaluate(model, tokenizer, args.benchmarks.split(","), [int(s) for s in args.seeds.split(",")],
                        args.batch_size, out, args.data_dir, args.max_examples, temperature=args.decode_temperature,
-                       no_repeat_ngram_size=args.no_repeat_ngram_size, max_new_tokens=args.max_new_tokens)
+                       max_new_tokens=args.max_new_tokens, **ngram)
     print(results_table(results))
     print(f"predictions and results.json in {out}")
 

@@ -29,7 +29,7 @@ from model import GPT, GPTConfig, atomic_write
 
 # From-scratch model sizes for the toy benchmark (byte vocabulary, 512 positions); "scratch:<layers>x<width>"
 # builds any other size with 48-dim heads.
-SIZES = {"toy-teacher": dict(n_layer=4, n_head=4, n_embd=128), "toy-student": dict(n_layer=2, n_head=2, n_embd=96),
+SIZES = {"toy-teacher": dict(n_layer=4, n_head=2, n_embd=128), "toy-student": dict(n_layer=2, n_head=2, n_embd=96),
          "toy-tiny": dict(n_layer=1, n_head=2, n_embd=32)}
 
 # Presets: the paper's two settings and the offline toy one. Flags given on the command line win.

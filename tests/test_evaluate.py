@@ -43,7 +43,8 @@ def test_evaluate_end_to_end_on_the_toy_test_set(tmp_path, capsys):
     assert read("a", 1) != read("a", 2)  # another seed, other predictions
     results = json.loads((tmp_path / "a" / "results.json").read_text())
     toy = results["benchmarks"]["toy"]
-    assert toy["n"] == 6 and set(toy["scores"]) == {"1", "2"} and results["decoding"]["no_repeat_ngram_size"] == 6
+    # the protocol's 6-token n-gram block, in bytes for the byte tokenizer
+    assert toy["n"] == 6 and set(toy["scores"]) == {"1", "2"} and results["decoding"]["no_repeat_ngram_size"] == 24
     assert toy["mean"] == pytest.approx(sum(toy["scores"].values()) / 2)
 
 
@@ -66,3 +67,10 @@ def test_summarize_builds_the_paper_tables(tmp_path):
     assert "| fkl | 3 | 31.00 ± 1.41 | 31.00 |" in table
     assert (tmp_path / "summary.md").read_text().strip() == table.strip()
     assert (tmp_path / "heatmap.png").stat().st_size > 0 and (tmp_path / "tau_curves.png").stat().st_size > 0
+
+
+def test_protocol_ngram_block_is_six_bpe_tokens():
+    assert evaluate.protocol_ngram_size(data.byte_tokenizer()) == 24
+    class FakeBPE:
+        vocab_size = 50257
+    assert evaluate.protocol_ngram_size(FakeBPE()) == 6

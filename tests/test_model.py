@@ -208,3 +208,38 @@ def test_sampling_follows_the_distribution_and_never_picks_masked_tokens():
     assert (top2 - torch.tensor([0.625, 0.375, 0, 0, 0])).abs().max() < 0.015
     nucleus = torch.bincount(sample_next(logits, top_p=0.7, generator=g), minlength=5).float() / 20_000
     assert (nucleus - torch.tensor([0.625, 0.375, 0, 0, 0])).abs().max() < 0.015  # 0.5 + 0.3 reaches 0.7
+
+
+def test_bf16_loading_peak_memory_is_about_one_bf16_model(tmp_path):
+    """Loading a float32 checkpoint in bf16 materialises each tensor once, in bf16: the peak of anonymous memory
+    (RssAnon, sampled by a thread; the file's mapped pages are page cache, not ours) stays near the bf16 model's
+    size, where loading the float32 state dict first and converting would need 3x that."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=1000, n_positions=64, n_layer=8, n_head=8, n_embd=512, ffn_dim=2048)
+    GPT(cfg).save_pretrained(str(tmp_path))  # ~100 MB of float32 weights
+    bf16_bytes = sum(p.numel() for p in GPT(cfg).parameters()) * 2
+    code = """
+import sys, threading, time, torch
+sys.path.insert(0, %r)
+import model
+def anon():
+    line = next(l for l in open('/proc/self/status') if l.startswith('RssAnon'))
+    return int(line.split()[1]) * 1024
+with torch.device('meta'):  # absorb torch's one-off lazy initialisation before the baseline
+    model.GPT(model.GPTConfig(n_layer=1, n_embd=64, n_head=1, vocab_size=10))
+before, peak, done = anon(), [0], False
+def sample():
+    while not done:
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.0005)
+thread = threading.Thread(target=sample)
+thread.start()
+m = model.GPT.from_pretrained(%r, dtype=torch.bfloat16)
+done = True
+thread.join()
+print(max(peak[0], anon()) - before)
+""" % (ROOT, str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    extra = int(result.stdout.strip().splitlines()[-1])
+    assert extra < 1.5 * bf16_bytes, (extra / 2**20, bf16_bytes / 2**20)
