@@ -10,7 +10,7 @@
 # Finished runs (best/eval/results.json present) are skipped and interrupted ones resumed, so the same command
 # continues an interrupted sweep. EXTRA="--micro-batch-size 4" passes flags to every train.py call.
 set -euo pipefail
-cd "$(dirname "$0")"
+HERE=$(cd "$(dirname "$0")" && pwd)   # run directories are relative to where you call it from, as for train.py
 
 PRESET=${PRESET:-gpt2}
 LOSSES=${LOSSES:-"fkl rkl sym js sfkl srkl akl ab drkl tvd"}
@@ -28,7 +28,7 @@ else
   BENCHMARKS=${BENCHMARKS:-dolly,self-inst,vicuna,sinst,uinst}
   NPROC=${NPROC:-$($PYTHON -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 fi
-TEACHER=$($PYTHON -c "import train; print(train.PRESETS['$PRESET']['teacher'])")
+TEACHER=$(PYTHONPATH="$HERE" $PYTHON -c "import train; print(train.PRESETS['$PRESET']['teacher'])")
 
 run() {  # print, then run unless DRY_RUN is set
   echo "+ $*"
@@ -39,7 +39,7 @@ if [ "$NPROC" -gt 1 ]; then LAUNCH=(torchrun --nproc_per_node "$NPROC"); else LA
 
 evaluate() {  # evaluate() MODEL_DIR: the protocol's sampled ROUGE-L over every benchmark and seed
   if [ -f "$1/eval/results.json" ]; then echo "= $1 already evaluated"; return; fi
-  run "$PYTHON" evaluate.py --model "$1" --benchmarks "$BENCHMARKS" --seeds "$EVAL_SEEDS" --out "$1/eval"
+  run "$PYTHON" "$HERE/evaluate.py" --model "$1" --benchmarks "$BENCHMARKS" --seeds "$EVAL_SEEDS" --out "$1/eval"
 }
 
 for seed in $SEEDS; do
@@ -51,7 +51,7 @@ for seed in $SEEDS; do
         resume=()
         if [ -f "$out/last.pt" ]; then resume=(--resume); fi
         # shellcheck disable=SC2086
-        run "${LAUNCH[@]}" train.py --preset "$PRESET" --loss "$loss" --tau "$tau" --seed "$seed" --out "$out" \
+        run "${LAUNCH[@]}" "$HERE/train.py" --preset "$PRESET" --loss "$loss" --tau "$tau" --seed "$seed" --out "$out" \
           --eval-benchmarks "" "${resume[@]}" $EXTRA
       fi
       evaluate "$out/best"
@@ -68,7 +68,7 @@ else
     echo "{\"mode\": \"sft\", \"student\": \"$TEACHER\"}" > "$RUNS/teacher/args.json"
   fi
   if [ ! -f "$RUNS/teacher/best/eval/results.json" ]; then
-    run "$PYTHON" evaluate.py --model "$TEACHER" --benchmarks "$BENCHMARKS" --seeds "$EVAL_SEEDS" --out "$RUNS/teacher/best/eval"
+    run "$PYTHON" "$HERE/evaluate.py" --model "$TEACHER" --benchmarks "$BENCHMARKS" --seeds "$EVAL_SEEDS" --out "$RUNS/teacher/best/eval"
   fi
 fi
-run "$PYTHON" evaluate.py summarize "$RUNS"
+run "$PYTHON" "$HERE/evaluate.py" summarize "$RUNS"

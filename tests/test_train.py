@@ -153,10 +153,10 @@ def test_sweep_dry_run_prints_the_grid_and_skips_finished_runs(tmp_path):
     result = subprocess.run(["bash", os.path.join(ROOT, "sweep.sh")], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    trained = [l for l in lines if l.startswith("+") and " train.py " in l]
+    trained = [l for l in lines if l.startswith("+") and "/train.py " in l]
     # fkl at tau 1 and 3, ab at tau 1 only (the paper reports AB at tau = 1), for 2 seeds, minus the finished run
     assert len(trained) == 5 and not any("--loss ab --tau 3" in l for l in trained)
     assert not any("fkl-tau3-seed2" in l for l in trained) and "= " + str(finished / "best") + " already evaluated" in result.stdout
-    assert sum(" evaluate.py --model " in l for l in lines) == 6  # 5 students + the toy teacher
-    assert lines[-1].startswith("+ python evaluate.py summarize")
+    assert sum("/evaluate.py --model " in l for l in lines) == 6  # 5 students + the toy teacher
+    assert lines[-1].startswith("+ python " + os.path.join(ROOT, "evaluate.py") + " summarize")
     assert not (tmp_path / "runs/fkl-tau1-seed1").exists(), "a dry run creates nothing"
