@@ -106,8 +106,8 @@ def load_tokenizer(name_or_path):
     for f in wanted[:2]:
         if not os.path.isfile(os.path.join(directory, f)):
             raise FileNotFoundError(f"tokenizer file {f} missing in {directory} (GPT-2/OPT checkpoints ship it)")
-    vocab = json.load(open(os.path.join(directory, "vocab.json"), encoding="utf-8"))
-    merges = open(os.path.join(directory, "merges.txt"), encoding="utf-8").read().split("\n")
+    vocab = json.loads(Path(directory, "vocab.json").read_text(encoding="utf-8"))
+    merges = Path(directory, "merges.txt").read_text(encoding="utf-8").split("\n")
     byte_of = {c: b for b, c in _bytes_to_unicode().items()}
     to_bytes = lambda token: bytes(byte_of[c] for c in token)
     # Ranks = merge priority: the 256 single bytes (ordered as the vocabulary orders them), then each merge's
@@ -129,8 +129,8 @@ def load_tokenizer(name_or_path):
                 and (any(c not in byte_of for c in t) or to_bytes(t) not in ranks)]
     special_ranks = {t: len(ranks) + i for i, t in enumerate(specials)}
     rank_to_id = np.array([vocab[t] for t in rank_to_token + specials], dtype=np.int64)
-    config_path = os.path.join(directory, "config.json")
-    config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
+    config_path = Path(directory, "config.json")
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     eos_id = config.get("eos_token_id", vocab.get("<|endoftext|>", vocab.get("</s>")))
     encoding = tiktoken.Encoding(f"tempkd-{os.path.basename(os.path.normpath(directory))}", pat_str=GPT2_PATTERN,
                                  mergeable_ranks=ranks, special_tokens=special_ranks)
@@ -194,7 +194,7 @@ DOLLY_VALID_SIZE, DOLLY_SPLIT_SEED = 500, 1234
 
 
 def _sha256(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _verified(directory):
@@ -202,7 +202,7 @@ def _verified(directory):
     manifest = os.path.join(directory, "manifest.json")
     if not os.path.isfile(manifest):
         return False
-    files = json.load(open(manifest))["files"]
+    files = json.loads(Path(manifest).read_text())["files"]
     return all(os.path.isfile(os.path.join(directory, f)) and _sha256(os.path.join(directory, f)) == h
                for f, h in files.items())
 

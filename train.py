@@ -298,6 +298,7 @@ def train(args):
     # data: fixed responses (the dataset's own, or teacher-generated) -- off-policy, never sampled from the student
     records = data.load_split(args.data, "train", args.data_dir)[: args.train_examples]
     valid = data.load_split(args.valid_data, "valid", args.data_dir)[: args.valid_examples]
+    valid_set = data.encode_dataset(tokenizer, valid, args.max_prompt_len, args.max_len, where="valid")
     train_set = data.encode_dataset(tokenizer, records, args.max_prompt_len, args.max_len, where="train")
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = steps_per_epoch * args.epochs
@@ -330,7 +331,7 @@ def train(args):
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
     stop_at = min(total_steps, args.max_steps or total_steps)
     bar = tqdm(total=stop_at, initial=state["step"], disable=not is_main, desc=f"{args.mode} {out.name}")
-    log = open(out / "log.jsonl", "a") if is_main else None
+    log = open(out / "log.jsonl", "a" if args.resume else "w") if is_main else None
     ticks = time.time()
     while state["step"] < stop_at:
         epoch = state["epoch"]
@@ -356,8 +357,8 @@ def train(args):
                 save_checkpoint(out / "last.pt", args, state, raw_student, optimizer, student if args.fsdp else None, is_main)
         if state["step"] % steps_per_epoch == 0:  # an epoch ended: validate, keep the best, checkpoint
             state["epoch"] = epoch + 1
-            validate_and_keep_best(args, raw_student, tokenizer, valid, state, out, is_main, world_size, log,
-                                   student if args.fsdp else None)
+            validate_and_keep_best(args, raw_student, tokenizer, valid, valid_set, state, out, is_main, world_size,
+                                   log, student if args.fsdp else None)
         save_checkpoint(out / "last.pt", args, state, raw_student, optimizer, student if args.fsdp else None, is_main)
     bar.close()
     if is_main:
@@ -373,18 +374,19 @@ def train(args):
     return out
 
 
-def validate_and_keep_best(args, model, tokenizer, valid, state, out, is_main, world_size, log, fsdp_model=None):
-    """Validation ROUGE-L and CE on rank 0; best/ keeps the epoch with the best ROUGE-L (HF layout)."""
+def validate_and_keep_best(args, model, tokenizer, valid, valid_set, state, out, is_main, world_size, log,
+                           fsdp_model=None):
+    """Validation ROUGE-L (sampling on the records) and CE (on their encoded sequences) on rank 0; best/ keeps the
+    epoch with the best ROUGE-L (HF layout)."""
     full_state = gather_fsdp_state(fsdp_model) if fsdp_model is not None else None
     if is_main:
         if full_state is not None:
             model = clone_from_state(model, full_state)
         rouge = evaluate.validation_score(model, tokenizer, valid, seed=args.seed, greedy=args.valid_greedy,
                                           max_new_tokens=args.valid_max_new_tokens)
-        encoded = data.encode_dataset(tokenizer, valid, args.max_prompt_len, args.max_len, where="valid")
         with torch.no_grad():
             device = next(model.parameters()).device
-            batches = [data.collate_train(encoded[i:i + 16], tokenizer.pad_id) for i in range(0, len(encoded), 16)]
+            batches = [data.collate_train(valid_set[i:i + 16], tokenizer.pad_id) for i in range(0, len(valid_set), 16)]
             sums = [(float(ce_loss(model(x.to(device), m.to(device)), y.to(device), reduction="sum")), int((y != -100).sum()))
                     for x, m, y in batches]
         val_loss = sum(s for s, _ in sums) / max(sum(n for _, n in sums), 1)
@@ -497,7 +499,7 @@ def plot_losses(out):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     if not steps:
         return
