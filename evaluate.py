@@ -129,20 +129,22 @@ def results_table(results):
 
 
 def collect_runs(runs_dir):
-    """[(args, results)] for each run under runs_dir that has args.json and best/eval/results.json."""
+    """[(run directory name, args, results)] for each run under runs_dir with args.json and best/eval/results.json."""
     runs = []
     for args_path in sorted(Path(runs_dir).rglob("args.json")):
         results_path = args_path.parent / "best" / "eval" / "results.json"
         if results_path.is_file():
-            runs.append((json.loads(args_path.read_text()), json.loads(results_path.read_text())["benchmarks"]))
+            runs.append((args_path.parent.name, json.loads(args_path.read_text()),
+                         json.loads(results_path.read_text())["benchmarks"]))
     return runs
 
 
 def _grid(runs):
-    """{(objective, tau): {benchmark: [per-seed scores over every training and evaluation seed]}}"""
+    """{(objective, tau): {benchmark: [per-seed scores over every training and evaluation seed]}}.
+    SFT runs (the teacher, a student's warm start) are rows of their own, named by their directory."""
     grid = {}
-    for args, results in runs:
-        key = ("teacher", None) if args.get("mode") == "sft" else (args["loss"], float(args["tau"]))
+    for name, args, results in runs:
+        key = (name, None) if args.get("mode") == "sft" else (args["loss"], float(args["tau"]))
         cell = grid.setdefault(key, {})
         for benchmark, r in results.items():
             cell.setdefault(benchmark, []).extend(r["scores"].values())
@@ -161,13 +163,14 @@ def summarize(runs_dir, out_dir=None):
         raise FileNotFoundError(f"no finished runs (args.json + best/eval/results.json) under {runs_dir}")
     benchmarks = sorted({b for cell in grid.values() for b in cell})
     averaged = [b for b in PAPER_AVERAGE if b in benchmarks] if set(PAPER_AVERAGE) <= set(benchmarks) else benchmarks
-    objectives = sorted({o for o, _ in grid if o != "teacher"}, key=lambda o: list(_ORDER).index(o) if o in _ORDER else 99)
+    sft_rows = sorted(o for o, t in grid if t is None)
+    objectives = sorted({o for o, t in grid if t is not None}, key=lambda o: _ORDER.index(o) if o in _ORDER else 99)
     taus = sorted({t for o, t in grid if t is not None})
     fmt = lambda xs: f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
     lines = [f"## Table 1 layout: ROUGE-L averaged over {', '.join(averaged)}", "",
              "| objective | τ = 1 | best τ | at best τ | Δ vs τ = 1 |", "|---|---|---|---|---|"]
-    if ("teacher", None) in grid:
-        lines.append(f"| teacher | {_average(grid[('teacher', None)], averaged):.2f} | | | |")
+    for name in sft_rows:  # the teacher, and e.g. the student's warm start, as reference rows
+        lines.append(f"| {name} | {_average(grid[(name, None)], averaged):.2f} | | | |")
     for o in objectives:
         scores = {t: _average(grid[(o, t)], averaged) for t in taus if (o, t) in grid}
         best = max(scores, key=lambda t: -math.inf if math.isnan(scores[t]) else scores[t])
@@ -175,7 +178,7 @@ def summarize(runs_dir, out_dir=None):
         lines.append(f"| {o} | {at_one:.2f} | {best:g} | {scores[best]:.2f} | {scores[best] - at_one:+.2f} |")
     lines += ["", "## Every run: objective × τ, mean ± std over seeds", "",
               "| objective | τ | " + " | ".join(benchmarks) + " | average |", "|---|---|" + "---|" * (len(benchmarks) + 1)]
-    for (o, t), cell in sorted(grid.items(), key=lambda kv: (kv[0][0] != "teacher", str(kv[0][0]), kv[0][1] or 0)):
+    for (o, t), cell in sorted(grid.items(), key=lambda kv: (kv[0][1] is not None, kv[0][0], kv[0][1] or 0)):
         row = " | ".join(fmt(cell[b]) if b in cell else "" for b in benchmarks)
         lines.append(f"| {o} | {'' if t is None else f'{t:g}'} | {row} | {_average(cell, averaged):.2f} |")
     table = "\n".join(lines)

@@ -56,6 +56,7 @@ def test_summarize_builds_the_paper_tables(tmp_path):
         (run / "best" / "eval" / "results.json").write_text(json.dumps(
             {"benchmarks": {"toy": {"scores": dict(enumerate(toy_scores)), "mean": 0, "std": 0, "n": 1}}}))
     fake_run("teacher", "fkl", 1.0, [50.0], mode="sft")
+    fake_run("student-init", "fkl", 1.0, [10.0], mode="sft")  # another SFT run: a row of its own
     fake_run("fkl-1", "fkl", 1.0, [20.0, 22.0])
     fake_run("fkl-3", "fkl", 3.0, [30.0, 32.0])
     fake_run("rkl-1", "rkl", 1.0, [25.0, 25.0])
@@ -63,7 +64,7 @@ def test_summarize_builds_the_paper_tables(tmp_path):
     table = evaluate.summarize(str(tmp_path))
     assert "| fkl | 21.00 | 3 | 31.00 | +10.00 |" in table
     assert "| rkl | 25.00 | 1 | 25.00 | +0.00 |" in table
-    assert "| teacher | 50.00 |" in table
+    assert "| teacher | 50.00 |" in table and "| student-init | 10.00 |" in table
     assert "| fkl | 3 | 31.00 ± 1.41 | 31.00 |" in table
     assert (tmp_path / "summary.md").read_text().strip() == table.strip()
     assert (tmp_path / "heatmap.png").stat().st_size > 0 and (tmp_path / "tau_curves.png").stat().st_size > 0
