@@ -187,6 +187,9 @@ def _token_loss(per_token, student_logits, teacher_logits, labels, tau, reductio
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     V = student_logits.shape[-1]
     rows = (labels.reshape(-1) != -100).nonzero()[:, 0]  # the response positions, (N,)
+    targets = labels.reshape(-1)[rows]
+    if len(rows) and (targets.min() < 0 or targets.max() >= V):
+        raise ValueError(f"labels hold token ids outside the vocabulary [0, {V}) (other than -100 = ignore)")
     chunk_size = chunk_size or max(1, 2**21 // V)  # ~8 MB of float32 per (chunk, V) temporary
     teacher = None if teacher_logits is None else teacher_logits.detach().reshape(-1, V)
     total = _ChunkedSum.apply(student_logits, teacher, labels.reshape(-1), rows, per_token, tau, chunk_size)

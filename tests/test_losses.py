@@ -289,6 +289,8 @@ def test_bad_input_is_named():
         distill_loss("fkl", student, teacher, labels, temperature=2)
     with pytest.raises(ValueError, match="labels"):
         distill_loss("fkl", student, teacher, labels[:, :3])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        distill_loss("drkl", student, teacher, labels.masked_fill(labels == labels.max(), 11))
 
 
 @pytest.mark.parametrize("name", NAMES)
