@@ -29,6 +29,11 @@ BYTES_PER_BPE_TOKEN = 4
 def protocol_ngram_size(tokenizer, tokens=PROTOCOL["no_repeat_ngram_size"]):
     """no_repeat_ngram_size in this tokenizer's units: as given for BPE, x4 for the byte-level tokenizer."""
     return tokens * BYTES_PER_BPE_TOKEN if tokenizer.vocab_size <= 257 else tokens
+
+
+def decoding_settings(tokenizer, **overrides):
+    """The protocol's decoding settings for this tokenizer, with overrides (e.g. temperature=0: greedy)."""
+    return {**PROTOCOL, "no_repeat_ngram_size": protocol_ngram_size(tokenizer), **overrides}
 SEEDS = (10, 20, 30, 40, 50)
 PAPER_AVERAGE = ("dolly", "sinst", "uinst")  # Table 1 averages these three
 
@@ -48,11 +53,10 @@ def rouge_l(prediction, references):
 @torch.no_grad()
 def generate_responses(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256, progress=True,
                        desc="generating", **decoding):
-    """One sampled response per record, in order. `decoding` overrides PROTOCOL (e.g. temperature=0: greedy);
-    the n-gram block defaults to the protocol's, in the tokenizer's units (protocol_ngram_size).
+    """One sampled response per record, in order, decoded with decoding_settings(tokenizer, **decoding).
     Prompts are sorted by length so batches carry little padding; batch b samples from a generator seeded by
     (seed, b), so the same seed gives the same responses."""
-    decoding = {**PROTOCOL, "no_repeat_ngram_size": protocol_ngram_size(tokenizer), **decoding}
+    decoding = decoding_settings(tokenizer, **decoding)
     device = next(model.parameters()).device
     encoded = [data.encode_example(tokenizer, r["prompt"], max_prompt_len=max_prompt_len) for r in records]
     order = sorted((i for i, e in enumerate(encoded) if e is not None), key=lambda i: len(encoded[i][0]))
@@ -110,8 +114,8 @@ def evaluate(model, tokenizer, benchmarks, seeds=SEEDS, batch_size=32, out_dir=N
                               "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(records)}
     if out_dir:
         from model import atomic_write
-        used = {**PROTOCOL, "no_repeat_ngram_size": protocol_ngram_size(tokenizer), **decoding}
-        payload = json.dumps({"benchmarks": results, "decoding": used, "seeds": list(seeds)}, indent=1)
+        settings = decoding_settings(tokenizer, **decoding)
+        payload = json.dumps({"benchmarks": results, "decoding": settings, "seeds": list(seeds)}, indent=1)
         atomic_write(os.path.join(out_dir, "results.json"), lambda tmp: Path(tmp).write_text(payload))
     return results
 
