@@ -160,3 +160,35 @@ def test_sweep_dry_run_prints_the_grid_and_skips_finished_runs(tmp_path):
     assert sum("/evaluate.py --model " in l for l in lines) == 6  # 5 students + the toy teacher
     assert lines[-1].startswith("+ python " + os.path.join(ROOT, "evaluate.py") + " summarize")
     assert not (tmp_path / "runs/fkl-tau1-seed1").exists(), "a dry run creates nothing"
+
+
+def test_kd_between_hugging_face_checkpoints_on_a_jsonl_dataset(tmp_path):
+    """The paper-scale path in miniature: teacher and student are HF-layout GPT-2 directories sharing a BPE
+    tokenizer, the data a jsonl file of fixed responses; the distilled student loads back into transformers."""
+    import shutil
+    import transformers
+    from test_data import write_bpe
+    vocab = write_bpe(tmp_path / "tok")
+    for name, width in (("teacher", 64), ("student", 32)):
+        cfg = transformers.GPT2Config(vocab_size=len(vocab), n_positions=512, n_embd=width, n_layer=2, n_head=2,
+                                      bos_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|endoftext|>"])
+        torch.manual_seed(len(name))
+        transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / name)
+        for f in ("vocab.json", "merges.txt"):
+            shutil.copy(tmp_path / "tok" / f, tmp_path / name / f)
+    data.write_jsonl(str(tmp_path / "train.jsonl"), data.toy_split("train")[:16])
+    out = tmp_path / "run"
+    train.main(["--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
+                "--data", str(tmp_path / "train.jsonl"), "--valid-data", "toy", "--loss", "rkl", "--tau", "2",
+                "--batch-size", "8", "--epochs", "1", "--lr", "1e-3", "--valid-examples", "4",
+                "--valid-max-new-tokens", "8", "--eval-benchmarks", "", "--out", str(out)])
+    args = json.loads((out / "args.json").read_text())
+    assert args["preset"] == "gpt2" and args["epochs"] == 1 and args["loss"] == "rkl"
+    distilled = transformers.AutoModelForCausalLM.from_pretrained(out / "best").eval()
+    ours = GPT.from_pretrained(str(out / "best"))
+    ids = torch.tensor([data.load_tokenizer(str(out / "best")).encode("What color is the fidar?")])
+    with torch.no_grad():
+        assert torch.allclose(distilled(ids).logits, ours(ids), atol=1e-5)
+    before = load_file(str(tmp_path / "student" / "model.safetensors"))
+    after = load_file(str(out / "best" / "model.safetensors"))
+    assert not torch.equal(before["transformer.h.0.mlp.c_fc.weight"], after["transformer.h.0.mlp.c_fc.weight"])
