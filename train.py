@@ -1,6 +1,6 @@
 """Teacher SFT and off-policy knowledge distillation, in one process or under torchrun (DDP, optional FSDP).
 
-    python train.py --preset toy                                    # offline: toy teacher + student, KD, eval
+    python train.py --preset toy --loss fkl --tau 3                 # offline: toy teacher + student, KD, eval
     torchrun --nproc_per_node 8 train.py --loss fkl --tau 3         # the paper's GPT-2 setting (the default)
     torchrun --nproc_per_node 8 train.py --preset opt --loss rkl --tau 2.5
     python train.py --mode sft --student gpt2-xl --lr 5e-5 --epochs 10 --out runs/gpt2/teacher
