@@ -108,11 +108,12 @@ def load_tokenizer(name_or_path):
             raise FileNotFoundError(f"tokenizer file {f} missing in {directory} (GPT-2/OPT checkpoints ship it)")
     vocab = json.loads(Path(directory, "vocab.json").read_text(encoding="utf-8"))
     merges = Path(directory, "merges.txt").read_text(encoding="utf-8").split("\n")
-    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    char_of = _bytes_to_unicode()
+    byte_of = {c: b for b, c in char_of.items()}
     to_bytes = lambda token: bytes(byte_of[c] for c in token)
     # Ranks = merge priority: the 256 single bytes (ordered as the vocabulary orders them), then each merge's
     # result in merges.txt order. For GPT-2 this reproduces its ids exactly.
-    singles = sorted(_bytes_to_unicode().items(), key=lambda bc: vocab[bc[1]])
+    singles = sorted(char_of.items(), key=lambda bc: vocab[bc[1]])
     ranks = {bytes([b]): r for r, (b, _) in enumerate(singles)}
     rank_to_token = [c for _, c in singles]
     for line in merges:
@@ -234,7 +235,7 @@ def prepare(names, data_dir=DATA_DIR, force=False):
         splits = {}
         for split, file in files.items():
             path = os.path.join(local, file)
-            splits[split] = [normalize(r, f"{path}, record {i + 1}") for i, r in enumerate(read_jsonl(path))][:limit]
+            splits[split] = [normalize(r, f"{path}, record {i + 1}") for i, r in enumerate(read_jsonl(path)[:limit])]
         if "raw" in splits:  # Dolly: a fixed, seeded validation split of raw.jsonl; the rest trains
             raw = splits.pop("raw")
             order = list(range(len(raw)))
@@ -363,9 +364,9 @@ TOY_FAMILIES = {"color": _color, "habitat": _habitat, "add": _add, "compare": _c
 TOY_HELD_OUT = ("add", "compare", "count", "upper")
 
 
-def _held_out(instruction, input):
-    """A fixed 10% of the question space of TOY_HELD_OUT families is reserved for evaluation."""
-    return hashlib.sha256(f"{instruction}|{input}".encode()).digest()[0] < 26
+def _bucket(salt, instruction, input):
+    """A fixed pseudo-random byte (0-255) per question: splits the question space deterministically."""
+    return hashlib.sha256(f"{salt}{instruction}|{input}".encode()).digest()[0]
 
 
 def toy_split(split, seed=None):
@@ -379,21 +380,17 @@ def toy_split(split, seed=None):
         family = families[len(records) % len(families)]
         instruction, input, references, response = TOY_FAMILIES[family](rng, split == "test-hard")
         if family in TOY_HELD_OUT:
-            if _held_out(instruction, input) == (split == "train"):  # train: outside the reserved 10%; eval: in it
+            # a fixed 10% of these questions is reserved for evaluation: train stays outside it, evaluation inside
+            if (_bucket("", instruction, input) < 26) == (split == "train"):
                 continue
             if split in ("valid", "test"):  # disjoint halves of the reserved questions, no duplicates
-                if _valid_half(instruction, input) != (split == "valid") or (instruction, input) in seen:
+                if (_bucket("valid|", instruction, input) < 128) != (split == "valid") or (instruction, input) in seen:
                     continue
                 seen.add((instruction, input))
         output = [response] if split == "train" else references
         records.append({"instruction": instruction, "input": input, "output": output,
                         "prompt": build_prompt(instruction, input), "family": family})
     return records
-
-
-def _valid_half(instruction, input):
-    """Validation and test draw from disjoint halves of the held-out questions."""
-    return hashlib.sha256(f"valid|{instruction}|{input}".encode()).digest()[0] < 128
 
 
 # ====================================================================================================================

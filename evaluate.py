@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 import data
+from losses import LOSSES
 
 PROTOCOL = dict(temperature=1.0, top_k=0, top_p=1.0, no_repeat_ngram_size=6, max_new_tokens=256)
 # The protocol's n-gram block counts GPT-2 BPE tokens (~4 bytes of English each). With the toy's byte tokenizer,
@@ -166,9 +167,10 @@ def summarize(runs_dir, out_dir=None):
     if not grid:
         raise FileNotFoundError(f"no finished runs (args.json + best/eval/results.json) under {runs_dir}")
     benchmarks = sorted({b for cell in grid.values() for b in cell})
-    averaged = [b for b in PAPER_AVERAGE if b in benchmarks] if set(PAPER_AVERAGE) <= set(benchmarks) else benchmarks
+    averaged = list(PAPER_AVERAGE) if set(PAPER_AVERAGE) <= set(benchmarks) else benchmarks
     sft_rows = sorted(o for o, t in grid if t is None)
-    objectives = sorted({o for o, t in grid if t is not None}, key=lambda o: _ORDER.index(o) if o in _ORDER else 99)
+    order = list(LOSSES)  # the paper's order of the objectives
+    objectives = sorted({o for o, t in grid if t is not None}, key=lambda o: order.index(o) if o in order else 99)
     taus = sorted({t for o, t in grid if t is not None})
     fmt = lambda xs: f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
     lines = [f"## Table 1 layout: ROUGE-L averaged over {', '.join(averaged)}", "",
@@ -194,9 +196,6 @@ def summarize(runs_dir, out_dir=None):
     except ImportError:
         print("matplotlib is not installed: wrote the markdown summary only")
     return table
-
-
-_ORDER = ("fkl", "rkl", "sym", "js", "sfkl", "srkl", "akl", "ab", "drkl", "tvd")
 
 
 def _plot(grid, objectives, taus, averaged, out_dir):

@@ -151,9 +151,14 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
 
 
+def is_scratch(name):
+    """A from-scratch size (toy-teacher, scratch:4x128, ...) rather than a checkpoint."""
+    return name in SIZES or name.startswith("scratch:")
+
+
 def load_model(name, dtype, device, vocab_size=257):
     """A checkpoint (directory or hub id), or a from-scratch size for the toy benchmark."""
-    if name in SIZES or name.startswith("scratch:"):
+    if is_scratch(name):
         if name.startswith("scratch:"):
             layers, width = (int(x) for x in name.removeprefix("scratch:").split("x"))
             size = dict(n_layer=layers, n_embd=width, n_head=max(1, width // 48))
@@ -166,7 +171,7 @@ def load_model(name, dtype, device, vocab_size=257):
 
 
 def load_tokenizer_for(name):
-    return data.byte_tokenizer() if name in SIZES or name.startswith("scratch:") else data.load_tokenizer(name)
+    return data.byte_tokenizer() if is_scratch(name) else data.load_tokenizer(name)
 
 
 def check_vocabularies(teacher_name, student_name):
