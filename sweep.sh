@@ -17,7 +17,6 @@ LOSSES=${LOSSES:-"fkl rkl sym js sfkl srkl akl ab drkl tvd"}
 TAUS=${TAUS:-"1 1.5 2 2.5 3 3.5 4"}
 TAU1_ONLY=${TAU1_ONLY:-"ab drkl"}          # the paper reports these at tau = 1 only
 SEEDS=${SEEDS:-"1"}                        # training seeds
-EVAL_SEEDS=${EVAL_SEEDS:-"10,20,30,40,50"} # sampling seeds of the evaluation
 RUNS=${RUNS:-runs/$PRESET}
 EXTRA=${EXTRA:-}
 PYTHON=${PYTHON:-python}
@@ -28,7 +27,12 @@ else
   BENCHMARKS=${BENCHMARKS:-dolly,self-inst,vicuna,sinst,uinst}
   NPROC=${NPROC:-$($PYTHON -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 fi
-TEACHER=$(PYTHONPATH="$HERE" $PYTHON -c "import train; print(train.PRESETS['$PRESET']['teacher'])")
+preset() {  # preset KEY DEFAULT: a setting of train.py's preset
+  PYTHONPATH="$HERE" $PYTHON -c "import train; print(train.PRESETS['$PRESET'].get('$1', '$2'))"
+}
+TEACHER=$(preset teacher "")
+STUDENT=$(preset student "")
+EVAL_SEEDS=${EVAL_SEEDS:-$(preset eval_seeds 10,20,30,40,50)}  # sampling seeds of the evaluation
 
 run() {  # print, then run unless DRY_RUN is set
   echo "+ $*"
@@ -50,11 +54,12 @@ for seed in $SEEDS; do
       if [ ! -f "$out/finished.json" ]; then
         resume=()
         if [ -f "$out/last.pt" ]; then resume=(--resume); fi
+        # train.py evaluates best/ itself when it finishes (one process start less per run)
         # shellcheck disable=SC2086
         run "${LAUNCH[@]}" "$HERE/train.py" --preset "$PRESET" --loss "$loss" --tau "$tau" --seed "$seed" --out "$out" \
-          --eval-benchmarks "" "${resume[@]}" $EXTRA
+          --eval-benchmarks "$BENCHMARKS" --eval-seeds "$EVAL_SEEDS" "${resume[@]}" $EXTRA
       fi
-      evaluate "$out/best"
+      evaluate "$out/best"  # a run trained earlier without its evaluation
     done
   done
 done
@@ -71,4 +76,6 @@ else
     run "$PYTHON" "$HERE/evaluate.py" --model "$TEACHER" --benchmarks "$BENCHMARKS" --seeds "$EVAL_SEEDS" --out "$RUNS/teacher/best/eval"
   fi
 fi
+# A student made by SFT inside the project (the toy's warm start) gets a row too: what distillation starts from.
+if [ -d "$STUDENT" ]; then evaluate "$STUDENT"; fi
 run "$PYTHON" "$HERE/evaluate.py" summarize "$RUNS"

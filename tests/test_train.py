@@ -150,10 +150,13 @@ def test_sweep_dry_run_prints_the_grid_and_skips_finished_runs(tmp_path):
     (finished / "best/eval").mkdir(parents=True)
     (finished / "finished.json").write_text("{}")
     (finished / "best/eval/results.json").write_text("{}")
-    result = subprocess.run(["bash", os.path.join(ROOT, "sweep.sh")], env=env, capture_output=True, text=True, timeout=120)
+    # cwd: the preset's teacher and student paths are relative, and a real sweep may have made them in ROOT
+    result = subprocess.run(["bash", os.path.join(ROOT, "sweep.sh")], env=env, capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     trained = [l for l in lines if l.startswith("+") and "/train.py " in l]
+    assert all("--eval-benchmarks toy,toy-hard --eval-seeds " in l for l in trained)  # evaluated in-process
     # fkl at tau 1 and 3, ab at tau 1 only (the paper reports AB at tau = 1), for 2 seeds, minus the finished run
     assert len(trained) == 5 and not any("--loss ab --tau 3" in l for l in trained)
     assert not any("fkl-tau3-seed2" in l for l in trained) and "= " + str(finished / "best") + " already evaluated" in result.stdout
