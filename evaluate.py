@@ -145,24 +145,45 @@ def collect_runs(runs_dir):
 
 
 def _grid(runs):
-    """{(objective, tau): {benchmark: [per-seed scores over every training and evaluation seed]}}.
-    SFT runs (the teacher, a student's warm start) are rows of their own, named by their directory."""
+    """{(objective, tau): {benchmark: [one list of per-sampling-seed scores per run]}}: the runs of a cell are its
+    training seeds. SFT runs (the teacher, a student's warm start) are rows of their own, named by their directory."""
     grid = {}
     for name, args, results in runs:
         key = (name, None) if args.get("mode") == "sft" else (args["loss"], float(args["tau"]))
         cell = grid.setdefault(key, {})
         for benchmark, r in results.items():
-            cell.setdefault(benchmark, []).extend(r["scores"].values())
+            cell.setdefault(benchmark, []).append(list(r["scores"].values()))
     return grid
 
 
+def _run_scores(cell, benchmarks):
+    """One score per run (training seed): its mean over sampling seeds, averaged over `benchmarks`."""
+    if not all(b in cell for b in benchmarks) or len({len(cell[b]) for b in benchmarks}) != 1:
+        return []
+    return [statistics.fmean(statistics.fmean(cell[b][i]) for b in benchmarks) for i in range(len(cell[benchmarks[0]]))]
+
+
 def _average(cell, benchmarks):
-    return statistics.fmean(statistics.fmean(cell[b]) for b in benchmarks) if all(b in cell for b in benchmarks) else math.nan
+    runs = _run_scores(cell, benchmarks)
+    return statistics.fmean(runs) if runs else math.nan
+
+
+def _spread(cell, benchmarks):
+    """The std over training seeds; for a single run, over its sampling seeds (0 if it has one of each)."""
+    runs = _run_scores(cell, benchmarks)
+    if len(runs) > 1:
+        return statistics.stdev(runs)
+    if not runs:
+        return math.nan
+    per_seed = [statistics.fmean(seeds) for seeds in zip(*(cell[b][0] for b in benchmarks))]
+    return statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
 
 
 def summarize(runs_dir, out_dir=None):
     """Markdown tables in the layout of the paper's Table 1 (objective: tau=1 vs best tau) and the full
-    objective x tau grid with per-benchmark columns; a heatmap and tau curves as PNG when matplotlib exists."""
+    objective x tau grid with per-benchmark columns; a heatmap and tau curves as PNG when matplotlib exists.
+    Mean ± std: the mean over every training and sampling seed, the std over training seeds (a cell with one
+    training run: over its sampling seeds)."""
     grid = _grid(collect_runs(runs_dir))
     if not grid:
         raise FileNotFoundError(f"no finished runs (args.json + best/eval/results.json) under {runs_dir}")
@@ -172,21 +193,23 @@ def summarize(runs_dir, out_dir=None):
     order = list(LOSSES)  # the paper's order of the objectives
     objectives = sorted({o for o, t in grid if t is not None}, key=lambda o: order.index(o) if o in order else 99)
     taus = sorted({t for o, t in grid if t is not None})
-    fmt = lambda xs: f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
-    lines = [f"## Table 1 layout: ROUGE-L averaged over {', '.join(averaged)}", "",
-             "| objective | τ = 1 | best τ | at best τ | Δ vs τ = 1 |", "|---|---|---|---|---|"]
+    fmt = lambda cell, bs: f"{_average(cell, bs):.2f} ± {_spread(cell, bs):.2f}"
+    seeds = max(len(runs) for cell in grid.values() for runs in cell.values())
+    lines = [f"## Table 1 layout: ROUGE-L averaged over {', '.join(averaged)}; mean ± std over {seeds} training seed(s)",
+             "", "| objective | τ = 1 | best τ | at best τ | Δ vs τ = 1 |", "|---|---|---|---|---|"]
     for name in sft_rows:  # the teacher, and e.g. the student's warm start, as reference rows
-        lines.append(f"| {name} | {_average(grid[(name, None)], averaged):.2f} | | | |")
+        lines.append(f"| {name} | {fmt(grid[(name, None)], averaged)} | | | |")
     for o in objectives:
         scores = {t: _average(grid[(o, t)], averaged) for t in taus if (o, t) in grid}
         best = max(scores, key=lambda t: -math.inf if math.isnan(scores[t]) else scores[t])
-        at_one = scores.get(1.0, math.nan)
-        lines.append(f"| {o} | {at_one:.2f} | {best:g} | {scores[best]:.2f} | {scores[best] - at_one:+.2f} |")
-    lines += ["", "## Every run: objective × τ, mean ± std over seeds", "",
+        at_one = fmt(grid[(o, 1.0)], averaged) if (o, 1.0) in grid else "nan"
+        gain = scores[best] - scores.get(1.0, math.nan)
+        lines.append(f"| {o} | {at_one} | {best:g} | {fmt(grid[(o, best)], averaged)} | {gain:+.2f} |")
+    lines += ["", "## Every run: objective × τ, mean ± std over training seeds", "",
               "| objective | τ | " + " | ".join(benchmarks) + " | average |", "|---|---|" + "---|" * (len(benchmarks) + 1)]
     for (o, t), cell in sorted(grid.items(), key=lambda kv: (kv[0][1] is not None, kv[0][0], kv[0][1] or 0)):
-        row = " | ".join(fmt(cell[b]) if b in cell else "" for b in benchmarks)
-        lines.append(f"| {o} | {'' if t is None else f'{t:g}'} | {row} | {_average(cell, averaged):.2f} |")
+        row = " | ".join(fmt(cell, [b]) if b in cell else "" for b in benchmarks)
+        lines.append(f"| {o} | {'' if t is None else f'{t:g}'} | {row} | {fmt(cell, averaged)} |")
     table = "\n".join(lines)
     out_dir = Path(out_dir or runs_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -219,9 +242,10 @@ def _plot(grid, objectives, taus, averaged, out_dir):
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     for o, row in zip(objectives, values):
-        points = [(t, v) for t, v in zip(taus, row) if not math.isnan(v)]
-        if len(points) > 1:
-            ax.plot(*zip(*points), marker="o", label=o)
+        points = [(t, v, _spread(grid[(o, t)], averaged)) for t, v in zip(taus, row) if not math.isnan(v)]
+        if len(points) > 1:  # error bars: the std over training seeds
+            t, v, err = zip(*points)
+            ax.errorbar(t, v, yerr=err, marker="o", capsize=2, label=o)
     if ("teacher", None) in grid:
         ax.axhline(_average(grid[("teacher", None)], averaged), color="gray", linestyle="--", label="teacher")
     ax.set_xlabel("KD temperature τ")

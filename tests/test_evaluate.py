@@ -59,13 +59,15 @@ def test_summarize_builds_the_paper_tables(tmp_path):
     fake_run("student-init", "fkl", 1.0, [10.0], mode="sft")  # another SFT run: a row of its own
     fake_run("fkl-1", "fkl", 1.0, [20.0, 22.0])
     fake_run("fkl-3", "fkl", 3.0, [30.0, 32.0])
+    fake_run("fkl-3-seed2", "fkl", 3.0, [34.0, 36.0])  # a second training seed: run means 31 and 35
     fake_run("rkl-1", "rkl", 1.0, [25.0, 25.0])
     fake_run("rkl-3", "rkl", 3.0, [24.0, 24.0])
     table = evaluate.summarize(str(tmp_path))
-    assert "| fkl | 21.00 | 3 | 31.00 | +10.00 |" in table
-    assert "| rkl | 25.00 | 1 | 25.00 | +0.00 |" in table
-    assert "| teacher | 50.00 |" in table and "| student-init | 10.00 |" in table
-    assert "| fkl | 3 | 31.00 ± 1.41 | 31.00 |" in table
+    # one training run: the std over its sampling seeds; two: the std of the run means, sqrt(8) = 2.83
+    assert "| fkl | 21.00 ± 1.41 | 3 | 33.00 ± 2.83 | +12.00 |" in table
+    assert "| rkl | 25.00 ± 0.00 | 1 | 25.00 ± 0.00 | +0.00 |" in table
+    assert "| teacher | 50.00 ± 0.00 |" in table and "| student-init | 10.00 ± 0.00 |" in table
+    assert "| fkl | 3 | 33.00 ± 2.83 | 33.00 ± 2.83 |" in table and "2 training seed(s)" in table
     assert (tmp_path / "summary.md").read_text().strip() == table.strip()
     assert (tmp_path / "heatmap.png").stat().st_size > 0 and (tmp_path / "tau_curves.png").stat().st_size > 0
 
