@@ -133,11 +133,12 @@ def results_table(results):
 # summarize: every run's results -> the paper's tables and plots
 
 
-def collect_runs(runs_dir):
-    """[(run directory name, args, results)] for each run under runs_dir with args.json and best/eval/results.json."""
+def collect_runs(runs_dir, eval_name="eval"):
+    """[(run directory name, args, results)] for each run under runs_dir with args.json and
+    best/<eval_name>/results.json (eval_name: e.g. eval-greedy for a second decoding setting)."""
     runs = []
     for args_path in sorted(Path(runs_dir).rglob("args.json")):
-        results_path = args_path.parent / "best" / "eval" / "results.json"
+        results_path = args_path.parent / "best" / eval_name / "results.json"
         if results_path.is_file():
             runs.append((args_path.parent.name, json.loads(args_path.read_text()),
                          json.loads(results_path.read_text())["benchmarks"]))
@@ -179,14 +180,14 @@ def _spread(cell, benchmarks):
     return statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
 
 
-def summarize(runs_dir, out_dir=None):
+def summarize(runs_dir, out_dir=None, eval_name="eval"):
     """Markdown tables in the layout of the paper's Table 1 (objective: tau=1 vs best tau) and the full
     objective x tau grid with per-benchmark columns; a heatmap and tau curves as PNG when matplotlib exists.
     Mean ± std: the mean over every training and sampling seed, the std over training seeds (a cell with one
     training run: over its sampling seeds)."""
-    grid = _grid(collect_runs(runs_dir))
+    grid = _grid(collect_runs(runs_dir, eval_name))
     if not grid:
-        raise FileNotFoundError(f"no finished runs (args.json + best/eval/results.json) under {runs_dir}")
+        raise FileNotFoundError(f"no finished runs (args.json + best/{eval_name}/results.json) under {runs_dir}")
     benchmarks = sorted({b for cell in grid.values() for b in cell})
     averaged = list(PAPER_AVERAGE) if set(PAPER_AVERAGE) <= set(benchmarks) else benchmarks
     sft_rows = sorted(o for o, t in grid if t is None)
@@ -263,12 +264,13 @@ def main(argv=None):
         parser = argparse.ArgumentParser(prog="evaluate.py summarize", description="collect runs into tables")
         parser.add_argument("runs_dir")
         parser.add_argument("--out", default=None, help="where summary.md and the PNGs go (default: runs_dir)")
+        parser.add_argument("--eval-name", default="eval", help="read best/<eval-name>/results.json of every run")
         args = parser.parse_args(argv[1:])
-        print(summarize(args.runs_dir, args.out))
+        print(summarize(args.runs_dir, args.out, args.eval_name))
         return
     from model import GPT
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a checkpoint directory or a hub id")
+    parser.add_argument("--model", required=True, nargs="+", help="checkpoint directories or hub ids, evaluated in turn")
     parser.add_argument("--tokenizer", default=None, help="default: the model's own vocab.json + merges.txt")
     parser.add_argument("--benchmarks", default="dolly,self-inst,vicuna,sinst,uinst")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
@@ -280,20 +282,22 @@ def main(argv=None):
                         help="default: the protocol's 6 BPE tokens (24 bytes with the toy's byte tokenizer)")
     parser.add_argument("--max-new-tokens", type=int, default=PROTOCOL["max_new_tokens"])
     parser.add_argument("--data-dir", default=data.DATA_DIR)
-    parser.add_argument("--out", default=None, help="default: <model>/eval")
+    parser.add_argument("--out", default=None, help="default: <model>/<eval-name> (one --model only)")
+    parser.add_argument("--eval-name", default="eval", help="e.g. eval-greedy next to the protocol's eval/")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
-    model = GPT.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    tokenizer = data.load_tokenizer(args.tokenizer or args.model)
-    out = args.out or (os.path.join(args.model, "eval") if os.path.isdir(args.model) else os.path.join("eval", args.model))
+    if args.out and len(args.model) > 1:
+        parser.error("--out takes one --model; with several, results go to <model>/<eval-name>")
     ngram = {} if args.no_repeat_ngram_size is None else {"no_repeat_ngram_size": args.no_repeat_ngram_size}
-    results = evaluate(model, tokenizer, args.benchmarks.split(","), [int(s) for s in args.seeds.split(",")],
-                       args.batch_size, out, args.data_dir, args.max_examples, temperature=args.decode_temperature,
-                       max_new_tokens=args.max_new_tokens, **ngram)
-    print(results_table(results))
-    print(f"predictions and results.json in {out}")
-
+    for name in args.model:
+        model = GPT.from_pretrained(name, dtype=getattr(torch, args.dtype), device=args.device)
+        tokenizer = data.load_tokenizer(args.tokenizer or name)
+        out = args.out or (os.path.join(name, args.eval_name) if os.path.isdir(name) else os.path.join(args.eval_name, name))
+        results = evaluate(model, tokenizer, args.benchmarks.split(","), [int(s) for s in args.seeds.split(",")],
+                           args.batch_size, out, args.data_dir, args.max_examples, temperature=args.decode_temperature,
+                           max_new_tokens=args.max_new_tokens, **ngram)
+        print(f"{name}\n{results_table(results)}\npredictions and results.json in {out}")
 
 if __name__ == "__main__":
     main()

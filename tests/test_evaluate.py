@@ -1,5 +1,6 @@
 """evaluate.py: ROUGE-L against hand-computed values, an end-to-end run on a tiny model, and summarize."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +78,27 @@ def test_protocol_ngram_block_is_six_bpe_tokens():
     class FakeBPE:
         vocab_size = 50257
     assert evaluate.protocol_ngram_size(FakeBPE()) == 6
+
+
+def test_several_models_with_a_second_decoding_setting_and_its_summary(tmp_path):
+    """Greedy decoding (SPEC.md section 5 asks for it next to sampling) of two runs into best/eval-greedy/,
+    summarized on its own; greedy output cannot depend on the sampling seed."""
+    runs = tmp_path / "runs"
+    for name, loss in (("fkl-tau1", "fkl"), ("rkl-tau1", "rkl")):
+        tiny_toy_model(runs / name / "best")
+        (runs / name / "args.json").write_text(json.dumps({"loss": loss, "tau": 1.0, "mode": "kd"}))
+    models = [str(runs / name / "best") for name in ("fkl-tau1", "rkl-tau1")]
+    common = ["--benchmarks", "toy", "--seeds", "1,2", "--max-examples", "4", "--max-new-tokens", "8"]
+    evaluate.main(["--model", *models, *common, "--decode-temperature", "0", "--eval-name", "eval-greedy"])
+    for model in models:
+        results = json.loads((Path(model) / "eval-greedy" / "results.json").read_text())
+        assert results["decoding"]["temperature"] == 0
+        read = lambda seed: [r["prediction"] for r in data.read_jsonl(f"{model}/eval-greedy/predictions-toy-seed{seed}.jsonl")]
+        assert read(1) == read(2)
+    assert not (Path(models[0]) / "eval").exists()
+    table = evaluate.summarize(str(runs), str(tmp_path / "greedy"), eval_name="eval-greedy")
+    assert "| fkl | 1 |" in table and "| rkl | 1 |" in table and (tmp_path / "greedy" / "summary.md").is_file()
+    with pytest.raises(FileNotFoundError, match="best/eval/results.json"):
+        evaluate.summarize(str(runs))  # the protocol's eval/ was never written
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model", *models, *common, "--out", str(tmp_path / "x")])
