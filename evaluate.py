@@ -247,11 +247,12 @@ def _plot(grid, objectives, taus, averaged, out_dir):
         if len(points) > 1:  # error bars: the std over training seeds
             t, v, err = zip(*points)
             ax.errorbar(t, v, yerr=err, marker="o", capsize=2, label=o)
-    if ("teacher", None) in grid:
-        ax.axhline(_average(grid[("teacher", None)], averaged), color="gray", linestyle="--", label="teacher")
+    # the SFT rows (teacher, warm start) go in the title: as lines they would squash the students' curves
+    ax.set_title(", ".join(f"{o} {_average(grid[(o, t)], averaged):.1f}" for o, t in grid if t is None), fontsize=9)
     ax.set_xlabel("KD temperature τ")
     ax.set_ylabel("ROUGE-L")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "tau_curves.png", dpi=120)
     plt.close(fig)
