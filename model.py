@@ -130,6 +130,8 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, mask, None if cache is None else cache[i], cache_pos)
         x = self.proj_out(self.ln_f(x[:, -1:] if last_only else x))
+        if x.shape[1] == 1 and x.device.type == "cpu":  # sampling: a CPU GEMM reads the tall (V, C) head faster in slices
+            return torch.cat([F.linear(x, w) for w in self.tok_emb.weight.split(1024)], -1).float()  # 25 -> 16 ms at B=8
         return F.linear(x, self.tok_emb.weight).float()  # (B, T, V), or (B, 1, V)
 
     # --- Sampling with a pre-allocated KV cache ------------------------------------------------------------------
@@ -296,8 +298,7 @@ def config_from_hf(hf):
         eos = hf.get("eos_token_id", 50256)  # GPT-2 pads with EOS
         return GPTConfig("gpt2", hf["vocab_size"], hf["n_positions"], hf["n_layer"], hf["n_head"], hf["n_embd"],
                          hf.get("n_inner") or 4 * hf["n_embd"], hf.get("activation_function", "gelu_new"),
-                         layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), bos_token_id=eos, eos_token_id=eos,
-                         pad_token_id=eos)
+                         layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     if kind == "opt":
         if not hf.get("enable_bias", True) or not hf.get("layer_norm_elementwise_affine", True):
             raise ValueError("OPT variants without biases or layer-norm affine parameters are unsupported")
@@ -349,8 +350,7 @@ def _pick_weight_files(files, where):
     safetensors (repos often hold both; downloading both would double the bytes). Shards follow their index."""
     for choice in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin"):
         if choice in files:
-            sharded = choice.endswith(".index.json")
-            return [choice] + [f for f in files if sharded and f.startswith(choice.split(".")[0] + "-")]
+            return [choice] + [f for f in files if choice.endswith(".index.json") and f.startswith(choice.split(".")[0] + "-")]
     raise FileNotFoundError(f"no weights file in {where}: expected model.safetensors, pytorch_model.bin, "
                             "or a sharded model.safetensors.index.json / pytorch_model.bin.index.json")
 
