@@ -3,7 +3,7 @@
 # seeds, then the tables and plots of `python evaluate.py summarize`.
 #
 #   bash sweep.sh                                  # PRESET=gpt2 on every GPU of this machine
-#   PRESET=toy SEEDS="1 2 3" bash sweep.sh         # the offline toy study: ~1 h 45 min on 2 CPU cores
+#   PRESET=toy bash sweep.sh                       # the offline toy study, 3 seeds: ~1 h 45 min on 2 CPU cores
 #   PRESET=opt NPROC=8 LOSSES="fkl rkl" TAUS="1 3" bash sweep.sh
 #   DRY_RUN=1 bash sweep.sh                        # print every command, run nothing
 #
@@ -16,17 +16,18 @@ PRESET=${PRESET:-gpt2}
 LOSSES=${LOSSES:-"fkl rkl sym js sfkl srkl akl ab drkl tvd"}
 TAUS=${TAUS:-"1 1.5 2 2.5 3 3.5 4"}
 TAU1_ONLY=${TAU1_ONLY:-"ab drkl"}          # the paper reports these at tau = 1 only
-SEEDS=${SEEDS:-"1"}                        # training seeds
 RUNS=${RUNS:-runs/$PRESET}
 EXTRA=${EXTRA:-}
 PYTHON=${PYTHON:-python}
 if [ "$PRESET" = toy ]; then
   BENCHMARKS=${BENCHMARKS:-toy,toy-hard}
   NPROC=${NPROC:-1}
+  SEEDS=${SEEDS:-"1 2 3"}                  # the toy study's three training seeds
 else
   BENCHMARKS=${BENCHMARKS:-dolly,self-inst,vicuna,sinst,uinst}
   NPROC=${NPROC:-$($PYTHON -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 fi
+SEEDS=${SEEDS:-"1"}                        # training seeds
 preset() {  # preset KEY DEFAULT: a setting of train.py's preset
   PYTHONPATH="$HERE" $PYTHON -c "import train; print(train.PRESETS['$PRESET'].get('$1', '$2'))"
 }

@@ -163,6 +163,12 @@ def test_sweep_dry_run_prints_the_grid_and_skips_finished_runs(tmp_path):
     assert sum("/evaluate.py --model " in l for l in lines) == 6  # 5 students + the toy teacher
     assert lines[-1].startswith("+ python " + os.path.join(ROOT, "evaluate.py") + " summarize")
     assert not (tmp_path / "runs/fkl-tau1-seed1").exists(), "a dry run creates nothing"
+    # the toy study's default: the whole grid (8 objectives x 7 tau + AB and DRKL at tau 1) x 3 training seeds
+    env = {k: v for k, v in env.items() if k not in ("LOSSES", "TAUS", "SEEDS")}
+    result = subprocess.run(["bash", os.path.join(ROOT, "sweep.sh")], env=env, capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    trained = [l for l in result.stdout.splitlines() if l.startswith("+") and "/train.py " in l]
+    assert len(trained) == 58 * 3 - 1 and sum("--seed 3 " in l for l in trained) == 58  # minus the finished run
 
 
 def test_kd_between_hugging_face_checkpoints_on_a_jsonl_dataset(tmp_path):
