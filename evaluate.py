@@ -21,6 +21,8 @@ import data
 from losses import LOSSES
 
 PROTOCOL = dict(temperature=1.0, top_k=0, top_p=1.0, no_repeat_ngram_size=6, max_new_tokens=256)
+SEEDS = (10, 20, 30, 40, 50)
+PAPER_AVERAGE = ("dolly", "sinst", "uinst")  # Table 1 averages these three
 # The protocol's n-gram block counts GPT-2 BPE tokens (~4 bytes of English each). With the toy's byte tokenizer,
 # 6 bytes would forbid copying any 6-letter piece of the prompt - a creature's name, say - so the same block
 # there is 6 x 4 = 24 bytes.
@@ -35,8 +37,6 @@ def protocol_ngram_size(tokenizer, tokens=PROTOCOL["no_repeat_ngram_size"]):
 def decoding_settings(tokenizer, **overrides):
     """The protocol's decoding settings for this tokenizer, with overrides (e.g. temperature=0: greedy)."""
     return {**PROTOCOL, "no_repeat_ngram_size": protocol_ngram_size(tokenizer), **overrides}
-SEEDS = (10, 20, 30, 40, 50)
-PAPER_AVERAGE = ("dolly", "sinst", "uinst")  # Table 1 averages these three
 
 
 _scorer = None
@@ -299,6 +299,7 @@ def main(argv=None):
                            args.batch_size, out, args.data_dir, args.max_examples, temperature=args.decode_temperature,
                            max_new_tokens=args.max_new_tokens, **ngram)
         print(f"{name}\n{results_table(results)}\npredictions and results.json in {out}")
+
 
 if __name__ == "__main__":
     main()

@@ -28,12 +28,11 @@ else
   NPROC=${NPROC:-$($PYTHON -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 fi
 SEEDS=${SEEDS:-"1"}                        # training seeds
-preset() {  # preset KEY DEFAULT: a setting of train.py's preset
-  PYTHONPATH="$HERE" $PYTHON -c "import train; print(train.PRESETS['$PRESET'].get('$1', '$2'))"
-}
-TEACHER=$(preset teacher "")
-STUDENT=$(preset student "")
-EVAL_SEEDS=${EVAL_SEEDS:-$(preset eval_seeds 10,20,30,40,50)}  # sampling seeds of the evaluation
+# The preset's teacher, student and evaluation seeds, read in one Python start (importing train imports torch)
+settings=$(PYTHONPATH="$HERE" $PYTHON -c "import evaluate, train; p = train.PRESETS['$PRESET']
+print(p.get('teacher', ''), p.get('student', ''), p.get('eval_seeds', ','.join(map(str, evaluate.SEEDS))), sep='\n')")
+{ read -r TEACHER; read -r STUDENT; read -r PRESET_EVAL_SEEDS; } <<< "$settings"
+EVAL_SEEDS=${EVAL_SEEDS:-$PRESET_EVAL_SEEDS}  # sampling seeds of the evaluation
 
 run() {  # print, then run unless DRY_RUN is set
   echo "+ $*"

@@ -40,7 +40,7 @@ PRESETS = {
                 batch_size=32, out="runs/opt"),
     # Toy: a from-scratch teacher made by SFT, and a student warm-started by a short SFT (SPEC.md section 5:
     # RKL from random weights is an optimisation failure, not the paper's regime of pretrained students).
-    # Sized for 2 CPU cores so that the whole grid (58 runs x 3 seeds) fits in 2 hours: teacher SFT ~4.5 min,
+    # Sized for 2 CPU cores so that the whole grid (58 runs x 3 seeds) fits in 2 hours: teacher SFT ~4 min,
     # warm start ~1 min (both made once), then ~35 s per run: 150 distillation steps of 8 sequences, validation,
     # and the evaluation over three sampling seeds.
     "toy": dict(teacher="runs/toy/teacher/best", student="runs/toy/student-init/best", data="toy", lr=1e-3,
