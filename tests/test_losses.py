@@ -117,6 +117,12 @@ def test_ce_is_next_token_cross_entropy():
 
 # ---- the paper's gradient identities, via autograd ------------------------------------------------------------
 
+def assert_float32_close(got, want):
+    """Agreement to float32 rounding: a few ulps of the largest gradient entry (CPUs with different SIMD widths
+    sum in different orders, so an absolute 1e-6 is too tight where entries reach 2)."""
+    assert (got - want).abs().max() <= 1e-6 * max(1.0, want.abs().max().item())
+
+
 def per_token_grad(name, student, teacher, labels, tau):
     student = student.detach().requires_grad_()
     distill_loss(name, student, teacher, labels, tau=tau, reduction="sum").backward()
@@ -129,7 +135,7 @@ def test_fkl_gradient_is_eq2(tau):
     grad = per_token_grad("fkl", student, teacher, labels, tau).double()
     p, q = (teacher.double() / tau).softmax(-1), (student.detach().double() / tau).softmax(-1)
     want = (q - p) / tau * (labels != -100)[..., None]
-    assert (grad - want).abs().max() <= 1e-6
+    assert_float32_close(grad, want)
 
 
 @pytest.mark.parametrize("tau", [0.7, 1.0, 3.0])
@@ -143,8 +149,8 @@ def test_rkl_gradient_is_eq3_and_eq4(tau):
     delta = zs - zt
     eq4 = q / tau**2 * (delta - (q * delta).sum(-1, keepdim=True))
     mask = (labels != -100)[..., None]
-    assert (grad - eq3 * mask).abs().max() <= 1e-6
-    assert (grad - eq4 * mask).abs().max() <= 1e-6
+    assert_float32_close(grad, eq3 * mask)
+    assert_float32_close(grad, eq4 * mask)
 
 
 def test_prop_2_1_both_gradients_tend_to_the_logit_gap():
