@@ -440,11 +440,15 @@ def load_checkpoint(path, args, model, optimizer, fsdp_model=None):
     if changed:
         raise SystemExit(f"error: --resume with different settings than {path} was written with: "
                          + ", ".join(f"{k}={checkpoint['args'].get(k)!r} -> {getattr(args, k)!r}" for k in changed))
-    if fsdp_model is not None:
-        load_fsdp_state(fsdp_model, optimizer, checkpoint)
-    else:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+    try:
+        if fsdp_model is not None:
+            load_fsdp_state(fsdp_model, optimizer, checkpoint)
+        else:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+    except RuntimeError as e:  # e.g. a last.pt from before model.Linear stored its weights (in, out)
+        detail = " ".join(str(e).split())[:300]
+        raise SystemExit(f"error: {path} does not fit this model (another student, or an older tempkd): {detail}")
     torch.set_rng_state(checkpoint["rng"]["torch"])
     random.setstate(checkpoint["rng"]["python"])
     if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:

@@ -31,7 +31,8 @@ def test_analysis_numbers_equal_autograd_gradients_on_a_tiny_model():
             s = zs[None].clone().requires_grad_()
             losses.distill_loss(name, s, zt[None], labels, tau=tau, reduction="sum").backward()
             auto[name] = s.grad[0].double()
-        assert torch.allclose(fkl, auto["fkl"], atol=1e-7) and torch.allclose(rkl, auto["rkl"], atol=1e-7)
+        for ours, theirs in ((fkl, auto["fkl"]), (rkl, auto["rkl"])):  # equal up to float32 rounding of autograd's side
+            assert (ours - theirs).abs().max() <= 1e-6 * theirs.abs().max()
         stats = analysis.gradient_stats(zs, zt, targets, tau)
         g = auto["fkl"]
         target_part = g.gather(-1, targets[:, None])[:, 0].abs().mean()

@@ -176,6 +176,9 @@ def test_bad_checkpoints_give_one_clear_message(hf_model_dir, tmp_path):
     (empty / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="lacks the field 'vocab_size'"):
         GPT.from_pretrained(str(empty))
+    (empty / "config.json").write_text('{"model_type": "gpt2",')  # cut off mid-download
+    with pytest.raises(ValueError, match="config.json in .* is not valid JSON"):
+        GPT.from_pretrained(str(empty))
     weights = os.path.join(path, "model.safetensors")
     data = open(weights, "rb").read()
     open(weights, "wb").write(data[: len(data) // 2])

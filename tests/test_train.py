@@ -77,6 +77,11 @@ def test_kill_and_resume_equals_a_straight_run(tmp_path):
     with pytest.raises(SystemExit, match=r"different settings.*tau=2.5 -> 3.0"):
         train.main([*common[:-len(TINY)], "--tau", "3", *TINY, "--out", str(tmp_path / "cut"), "--max-steps", "14",
                     "--resume"])
+    checkpoint = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    checkpoint["model"]["blocks.0.fc_in.weight"] = checkpoint["model"]["blocks.0.fc_in.weight"].t()  # (out, in)
+    torch.save(checkpoint, tmp_path / "cut" / "last.pt")
+    with pytest.raises(SystemExit, match=r"last.pt does not fit this model.*size mismatch for blocks.0.fc_in.weight"):
+        train.main([*common, "--out", str(tmp_path / "cut"), "--max-steps", "14", "--resume"])
 
 
 def test_toy_preset_end_to_end(tmp_path, monkeypatch):
