@@ -22,12 +22,12 @@ PYTHON=${PYTHON:-python}
 if [ "$PRESET" = toy ]; then
   BENCHMARKS=${BENCHMARKS:-toy,toy-hard}
   NPROC=${NPROC:-1}
-  SEEDS=${SEEDS:-"1 2 3"}                  # the toy study's three training seeds
+  SEEDS=${SEEDS:-"1 2 3"}                  # training seeds: the toy study's three
 else
   BENCHMARKS=${BENCHMARKS:-dolly,self-inst,vicuna,sinst,uinst}
   NPROC=${NPROC:-$($PYTHON -c "import torch; print(max(torch.cuda.device_count(), 1))")}
+  SEEDS=${SEEDS:-"1"}                      # training seeds
 fi
-SEEDS=${SEEDS:-"1"}                        # training seeds
 # The preset's teacher, student and evaluation seeds, read in one Python start (importing train imports torch)
 settings=$(PYTHONPATH="$HERE" $PYTHON -c "import evaluate, train; p = train.PRESETS['$PRESET']
 print(p.get('teacher', ''), p.get('student', ''), p.get('eval_seeds', ','.join(map(str, evaluate.SEEDS))), sep='\n')")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import losses
+from conftest import assert_float32_close
 from losses import LOSSES, ce_loss, distill_loss
 
 torch.set_default_dtype(torch.float32)
@@ -116,12 +117,6 @@ def test_ce_is_next_token_cross_entropy():
 
 
 # ---- the paper's gradient identities, via autograd ------------------------------------------------------------
-
-def assert_float32_close(got, want):
-    """Agreement to float32 rounding: a few ulps of the largest gradient entry (CPUs with different SIMD widths
-    sum in different orders, so an absolute 1e-6 is too tight where entries reach 2)."""
-    assert (got - want).abs().max() <= 1e-6 * max(1.0, want.abs().max().item())
-
 
 def per_token_grad(name, student, teacher, labels, tau):
     student = student.detach().requires_grad_()
