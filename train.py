@@ -573,3 +573,13 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available():
+        # A torchrun worker on gloo (CPU) leaves without interpreter teardown. A collective issued during backward
+        # holds a Python object (autograd's contextvars snapshot) and is freed by one of gloo's C++ threads, which
+        # needs the GIL for that. If the thread gets there only after the interpreter began finalizing (a loaded
+        # machine), CPython < 3.14 ends the thread inside a C++ destructor and the whole process aborts: SIGABRT,
+        # "terminate called without an active exception". DDP and FSDP keep the process group alive past
+        # destroy_process_group(), so its threads are never joined. Everything is written and closed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
