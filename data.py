@@ -5,7 +5,8 @@ Every example, whatever its source, is one jsonl record in one schema:
 `prompt` is the Alpaca-style template of SPEC.md section 3; training uses output[0] as the response.
 
     python data.py prepare [--benchmarks dolly,self-inst,vicuna,sinst,uinst,toy] [--force]
-    python data.py teacher-responses --model runs/teacher/best --out data/dolly/train-teacher.jsonl
+
+The teacher-generated training responses of the paper's setting are made by responses.py.
 """
 import argparse
 import hashlib
@@ -457,39 +458,6 @@ def collate_prompts(prompts, pad_id):
     return input_ids, attention_mask
 
 
-# ====================================================================================================================
-# Teacher-generated responses (sequence-level KD data)
-
-
-def teacher_responses(model_path, benchmark, out, batch_size=16, seed=0, max_new_tokens=256, data_dir=DATA_DIR,
-                      device=None, limit=None):
-    """Sample the teacher's response to every training prompt once (the first `limit`) and write them in our
-    schema. Resumable: lines already in `out` are kept and their prompts skipped; batch b samples with a
-    generator seeded by (seed, its first index), so a resumed file equals an uninterrupted one."""
-    from tqdm import tqdm
-    from model import GPT
-    records = load_split(benchmark, "train", data_dir)[:limit]
-    done = len(read_jsonl(out)) if os.path.isfile(out) else 0
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = GPT.from_pretrained(model_path, device=device)
-    tokenizer = load_tokenizer("toy" if benchmark.startswith("toy") else model_path)
-    with open(out, "a", encoding="utf-8") as f, tqdm(total=len(records), initial=done, desc="teacher responses") as bar:
-        for start in range(done, len(records), batch_size):
-            batch = records[start:start + batch_size]
-            # a prompt that cannot be cut at its marker keeps its last 256 tokens, so lines stay aligned for resuming
-            prompts = [(encode_example(tokenizer, r["prompt"]) or (tokenizer.encode(r["prompt"])[-256:],))[0]
-                       for r in batch]
-            input_ids, mask = collate_prompts(prompts, tokenizer.pad_id)
-            generator = torch.Generator(device).manual_seed(seed * 1_000_003 + start)  # same samples after a resume
-            new = model.generate(input_ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
-                                 eos_token_id=tokenizer.eos_id, generator=generator)
-            for record, tokens in zip(batch, new.tolist()):
-                text = tokenizer.decode(tokens[: tokens.index(tokenizer.eos_id)] if tokenizer.eos_id in tokens else tokens)
-                f.write(json.dumps({**record, "output": [text.strip()]}, ensure_ascii=False) + "\n")
-            f.flush()
-            bar.update(len(batch))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -497,21 +465,8 @@ def main(argv=None):
     prep.add_argument("--benchmarks", default="dolly,self-inst,vicuna,sinst,uinst,toy")
     prep.add_argument("--data-dir", default=DATA_DIR)
     prep.add_argument("--force", action="store_true", help="redo benchmarks that are already prepared")
-    gen = commands.add_parser("teacher-responses", help="sample the teacher's responses to the training prompts")
-    gen.add_argument("--model", required=True)
-    gen.add_argument("--benchmark", default="dolly")
-    gen.add_argument("--out", required=True)
-    gen.add_argument("--batch-size", type=int, default=16)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--max-new-tokens", type=int, default=256)
-    gen.add_argument("--data-dir", default=DATA_DIR)
-    gen.add_argument("--limit", type=int, default=None, help="only the first N training prompts")
     args = parser.parse_args(argv)
-    if args.command == "prepare":
-        prepare(args.benchmarks.split(","), args.data_dir, args.force)
-    else:
-        teacher_responses(args.model, args.benchmark, args.out, args.batch_size, args.seed, args.max_new_tokens,
-                          args.data_dir, limit=args.limit)
+    prepare(args.benchmarks.split(","), args.data_dir, args.force)
 
 
 if __name__ == "__main__":

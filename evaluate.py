@@ -52,16 +52,17 @@ def rouge_l(prediction, references):
 
 
 @torch.no_grad()
-def generate_responses(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256, progress=True,
-                       desc="generating", **decoding):
-    """One sampled response per record, in order, decoded with decoding_settings(tokenizer, **decoding).
-    Prompts are sorted by length so batches carry little padding; batch b samples from a generator seeded by
-    (seed, b), so the same seed gives the same responses."""
+def sample(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256, progress=True, desc="generating",
+           **decoding):
+    """One sampled continuation per record, in order: (its tokens before the first EOS, whether EOS came before
+    max_new_tokens), decoded with decoding_settings(tokenizer, **decoding). Prompts are sorted by length so
+    batches carry little padding; batch b samples from a generator seeded by (seed, b), so the same seed gives
+    the same samples."""
     decoding = decoding_settings(tokenizer, **decoding)
     device = next(model.parameters()).device
     encoded = [data.encode_example(tokenizer, r["prompt"], max_prompt_len=max_prompt_len) for r in records]
     order = sorted((i for i, e in enumerate(encoded) if e is not None), key=lambda i: len(encoded[i][0]))
-    responses = [""] * len(records)  # a prompt that cannot fit gets an empty response, which scores 0
+    samples = [([], True)] * len(records)  # a prompt that cannot fit gets an empty response, which scores 0
     batches = range(0, len(order), batch_size)
     for b, start in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
         rows = order[start:start + batch_size]

@@ -186,7 +186,7 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=None, device=None):
         """Load a local Hugging Face directory or a hub id (downloaded into the standard cache)."""
-        directory = resolve_checkpoint(name_or_path, lambda files: ["config.json", *_pick_weight_files(files, name_or_path)])
+        directory = resolve_checkpoint(name_or_path, lambda files: ["config.json", *weight_files(files, name_or_path)])
         try:
             cfg = config_from_hf(json.loads(Path(directory, "config.json").read_text()))
         except FileNotFoundError:
@@ -356,7 +356,7 @@ def resolve_checkpoint(name_or_path, pick, repo_type="model"):
     return paths[0][:-len(wanted[0])].rstrip(os.sep)  # the snapshot folder that holds them all
 
 
-def _pick_weight_files(files, where):
+def weight_files(files, where):
     """Which weight files to read, from a directory listing or a hub repo's file list: one format, preferring
     safetensors (repos often hold both; downloading both would double the bytes). Shards follow their index."""
     for choice in ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin"):
@@ -368,7 +368,7 @@ def _pick_weight_files(files, where):
 
 def _read_tensors(directory):
     """Yield the checkpoint's (name, tensor) pairs one at a time: at most one tensor in the file's dtype is alive."""
-    name = _pick_weight_files(os.listdir(directory), directory)[0]
+    name = weight_files(os.listdir(directory), directory)[0]
     index = json.loads(Path(directory, name).read_text())["weight_map"] if name.endswith(".index.json") else {"": name}
     for path in (os.path.join(directory, shard) for shard in sorted(set(index.values()))):  # an index names the shards
         if not os.path.isfile(path):

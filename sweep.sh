@@ -3,12 +3,16 @@
 # seeds, then the tables and plots of `python evaluate.py summarize`.
 #
 #   bash sweep.sh                                  # PRESET=gpt2 on every GPU of this machine
-#   PRESET=toy bash sweep.sh                       # the offline toy study, 3 seeds: ~1 h 45 min on 2 CPU cores
+#   PRESET=toy bash sweep.sh                       # the offline toy study, 3 seeds, on 2 CPU cores
+#   PRESET=toy RESPONSES=dataset bash sweep.sh     # the same grid on the dataset's responses, into runs/toy-dataset
 #   PRESET=opt NPROC=8 LOSSES="fkl rkl" TAUS="1 3" bash sweep.sh
 #   DRY_RUN=1 bash sweep.sh                        # print every command, run nothing
 #
 # Finished runs (best/eval/results.json present) are skipped and interrupted ones resumed, so the same command
 # continues an interrupted sweep. EXTRA="--micro-batch-size 4" passes flags to every train.py call.
+# RESPONSES=teacher (the paper's setting, default) trains on the teacher's responses: the first run samples them
+# once (shared out over its NPROC processes) into data/responses/, and every later run reads that file; runs are
+# sequential, so none races to make them.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)   # run directories are relative to where you call it from, as for train.py
 
@@ -16,7 +20,12 @@ PRESET=${PRESET:-gpt2}
 LOSSES=${LOSSES:-"fkl rkl sym js sfkl srkl akl ab drkl tvd"}
 TAUS=${TAUS:-"1 1.5 2 2.5 3 3.5 4"}
 TAU1_ONLY=${TAU1_ONLY:-"ab drkl"}          # the paper reports these at tau = 1 only
-RUNS=${RUNS:-runs/$PRESET}
+RESPONSES=${RESPONSES:-teacher}
+case "$RESPONSES" in
+  teacher) RUNS=${RUNS:-runs/$PRESET} ;;
+  dataset) RUNS=${RUNS:-runs/$PRESET-dataset} ;;
+  *) echo "error: RESPONSES must be teacher or dataset, got '$RESPONSES'" >&2; exit 2 ;;
+esac
 EXTRA=${EXTRA:-}
 PYTHON=${PYTHON:-python}
 if [ "$PRESET" = toy ]; then
@@ -57,7 +66,7 @@ for seed in $SEEDS; do
         # train.py evaluates best/ itself when it finishes (one process start less per run)
         # shellcheck disable=SC2086
         run "${LAUNCH[@]}" "$HERE/train.py" --preset "$PRESET" --loss "$loss" --tau "$tau" --seed "$seed" --out "$out" \
-          --eval-benchmarks "$BENCHMARKS" --eval-seeds "$EVAL_SEEDS" "${resume[@]}" $EXTRA
+          --responses "$RESPONSES" --eval-benchmarks "$BENCHMARKS" --eval-seeds "$EVAL_SEEDS" "${resume[@]}" $EXTRA
       fi
       evaluate "$out/best"  # a run trained earlier without its evaluation
     done

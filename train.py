@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import data
 import evaluate
+import responses
 from losses import HPARAMS, LOSSES, ce_loss, distill_loss
 from model import GPT, GPTConfig, atomic_write
 
@@ -46,7 +47,7 @@ PRESETS = {
     "toy": dict(teacher="runs/toy/teacher/best", student="runs/toy/student-init/best", data="toy", lr=1e-3,
                 epochs=1, batch_size=8, train_examples=1_200, valid_examples=100, out="runs/toy",
                 eval_benchmarks="toy,toy-hard", eval_seeds="10,20,30",
-                teacher_sft=dict(student="toy-teacher", lr=2e-3, epochs=1, batch_size=16, train_examples=14_400),
+                teacher_sft=dict(student="toy-teacher", lr=2e-3, epochs=3, batch_size=16, train_examples=14_400),
                 student_sft=dict(student="toy-student", lr=3e-3, epochs=1, batch_size=32, train_examples=9_600)),
 }
 DEFAULTS = dict(preset="gpt2", mode="kd", loss="fkl", tau=1.0, kd_ratio=1.0, epochs=20, batch_size=32,
@@ -69,8 +70,11 @@ def parse_args(argv=None):
     p.add_argument("--tau-sq", action="store_true", help="multiply the KD loss by tau^2 (Hinton); off in the paper")
     p.add_argument("--teacher", help="hub id or checkpoint directory")
     p.add_argument("--student", help="hub id, checkpoint directory, or a from-scratch size: " + ", ".join(SIZES))
-    p.add_argument("--data", help="benchmark name (dolly, toy) or a jsonl file of fixed responses, e.g. "
-                   "teacher-generated ones from `python data.py teacher-responses`")
+    p.add_argument("--data", help="benchmark name (dolly, toy) or a jsonl file of prompts and fixed responses")
+    p.add_argument("--responses", choices=["teacher", "dataset"],
+                   help="what the student learns from: teacher = the fine-tuned teacher's own responses to the "
+                   "training prompts, sampled once and cached (the paper's setting; default for --mode kd on a "
+                   "benchmark); dataset = the benchmark's responses (the reference code's default)")
     p.add_argument("--valid-data", help="benchmark whose valid split selects the best epoch (default: --data, "
                    "or dolly when --data is a jsonl file)")
     p.add_argument("--data-dir", default=data.DATA_DIR)
@@ -116,10 +120,17 @@ def resolve_args(args):
             raise SystemExit(f"error: --tau must be > 0, got {args.tau}")
         if not 0 <= args.kd_ratio <= 1:
             raise SystemExit(f"error: --kd-ratio must be in [0, 1], got {args.kd_ratio}")
+    if args.responses is None:
+        args.responses = "teacher" if args.mode == "kd" and not args.data.endswith(".jsonl") else "dataset"
+    if args.responses == "teacher" and (args.mode == "sft" or is_scratch(args.teacher or "")):
+        raise SystemExit("error: --responses teacher needs --mode kd and a teacher checkpoint (SFT trains on the "
+                         "dataset's responses): pass --responses dataset")
+    args.teacher_fingerprint = None  # set by train() when it reads or makes the teacher's responses
     if args.valid_data is None:
         args.valid_data = "dolly" if args.data.endswith(".jsonl") else args.data
     if args.out is None:
         name = "teacher" if args.mode == "sft" else f"{args.loss}-tau{args.tau:g}"
+        name += "-dataset" if args.mode == "kd" and args.responses == "dataset" else ""
         args.out = os.path.join(preset["out"], name)
     if not args.data.endswith(".jsonl") and args.data != "toy":
         path = os.path.join(args.data_dir, args.data, "train.jsonl")
@@ -302,15 +313,12 @@ def train(args):
     else:
         tokenizer = load_tokenizer_for(args.student)
 
-    # data: fixed responses (the dataset's own, or teacher-generated) -- off-policy, never sampled from the student
-    records = data.load_split(args.data, "train", args.data_dir)[: args.train_examples]
+    records = data.load_split(args.data, "train", args.data_dir)
+    if len(records[: args.train_examples]) < args.batch_size:
+        raise SystemExit(f"error: {len(records[: args.train_examples])} training examples do not fill one batch of "
+                         f"{args.batch_size}")
     valid = data.load_split(args.valid_data, "valid", args.data_dir)[: args.valid_examples]
     valid_set = data.encode_dataset(tokenizer, valid, args.max_prompt_len, args.max_len, where="valid")
-    train_set = data.encode_dataset(tokenizer, records, args.max_prompt_len, args.max_len, where="train")
-    steps_per_epoch = len(train_set) // args.batch_size
-    total_steps = steps_per_epoch * args.epochs
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(train_set)} training examples do not fill one batch of {args.batch_size}")
 
     torch.manual_seed(args.seed)  # same initialisation on every process
     student = load_model(args.student, torch.float32, device, tokenizer.vocab_size)
@@ -320,6 +328,22 @@ def train(args):
         if teacher.cfg.vocab_size != student.cfg.vocab_size:
             raise SystemExit(f"error: teacher vocabulary ({teacher.cfg.vocab_size}) != student vocabulary "
                              f"({student.cfg.vocab_size}): incompatible models")
+
+    # The training responses are fixed (off-policy, never sampled from the student): by default the fine-tuned
+    # teacher's own answers to the training prompts, as in the paper, made by the first run and cached for all.
+    if args.responses == "teacher":
+        args.teacher_fingerprint = responses.fingerprint(args.teacher)
+        where = responses.cache_dir(args.data_dir, args.data, args.teacher_fingerprint)
+        provenance = {"teacher": args.teacher, "teacher_fingerprint": args.teacher_fingerprint,
+                      "benchmark": args.data, "teacher_dtype": str(teacher_dtype).removeprefix("torch.")}
+        records = responses.teacher_responses(teacher, tokenizer, records, args.train_examples, where, provenance,
+                                              args.max_prompt_len, rank, world_size)
+    train_set = data.encode_dataset(tokenizer, records[: args.train_examples], args.max_prompt_len, args.max_len,
+                                    where="train")
+    steps_per_epoch = len(train_set) // args.batch_size
+    total_steps = steps_per_epoch * args.epochs
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(train_set)} training examples do not fill one batch of {args.batch_size}")
     student.train()
     raw_student = student
     if args.fsdp:
@@ -430,8 +454,9 @@ def save_checkpoint(path, args, state, model, optimizer, fsdp_model, is_main):
     atomic_write(str(path), lambda tmp: torch.save(checkpoint, tmp))
 
 
-RESUME_MUST_MATCH = ("mode", "loss", "tau", "kd_ratio", "tau_sq", *HPARAMS, "teacher", "student", "data", "epochs",
-                     "batch_size", "lr", "min_lr", "weight_decay", "seed", "train_examples")
+RESUME_MUST_MATCH = ("mode", "loss", "tau", "kd_ratio", "tau_sq", *HPARAMS, "teacher", "student", "data", "responses",
+                     "teacher_fingerprint", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "seed",
+                     "train_examples")
 
 
 def load_checkpoint(path, args, model, optimizer, fsdp_model=None):

@@ -245,22 +245,3 @@ def test_malformed_and_incomplete_jsonl_are_named(tmp_path):
         data.load_split("dolly", "train", str(tmp_path))
     with pytest.raises(ValueError, match="unknown benchmark 'dolly2'"):
         data.prepare(["dolly2"], str(tmp_path))
-
-
-def test_teacher_responses_are_written_in_the_schema_and_resume_exactly(tmp_path):
-    from test_evaluate import tiny_toy_model
-    tiny_toy_model(tmp_path / "teacher")
-    run = lambda out, limit: data.main(["teacher-responses", "--model", str(tmp_path / "teacher"), "--benchmark", "toy",
-                                        "--out", str(out), "--batch-size", "2", "--max-new-tokens", "6",
-                                        "--limit", str(limit)])
-    run(tmp_path / "straight.jsonl", 6)
-    run(tmp_path / "cut.jsonl", 4)
-    run(tmp_path / "cut.jsonl", 6)  # resumes after the 4 lines already written
-    straight, resumed = data.read_jsonl(str(tmp_path / "straight.jsonl")), data.read_jsonl(str(tmp_path / "cut.jsonl"))
-    assert straight == resumed and len(straight) == 6
-    source = data.toy_split("train")[:6]
-    for record, original in zip(straight, source):
-        assert record["prompt"] == original["prompt"] and len(record["output"]) == 1
-        assert record["output"] != original["output"]  # the teacher's own (here: random) answer
-    loaded = data.load_split(str(tmp_path / "straight.jsonl"), "train")  # usable as --data
-    assert [r["prompt"] for r in loaded] == [r["prompt"] for r in source]

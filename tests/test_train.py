@@ -14,15 +14,16 @@ import train
 from conftest import ROOT
 from model import GPT
 
-TINY = ["--data", "toy", "--train-examples", "64", "--valid-examples", "4", "--valid-max-new-tokens", "8",
-        "--eval-benchmarks", "", "--log-every", "1"]
+# The mechanics tests train on the dataset's responses; tests/test_responses.py covers the teacher's.
+TINY = ["--data", "toy", "--responses", "dataset", "--train-examples", "64", "--valid-examples", "4",
+        "--valid-max-new-tokens", "8", "--eval-benchmarks", "", "--log-every", "1"]
 
 
 def make_teacher(tmp_path):
     """A tiny from-scratch toy teacher saved like a real one (config, weights, tokenizer files)."""
     out = tmp_path / "teacher"
     train.main(["--preset", "toy", "--mode", "sft", "--student", "toy-tiny", "--batch-size", "16", "--epochs", "1",
-                "--out", str(out), *TINY])
+                "--out", str(out), *[a for a in TINY if a not in ("--responses", "dataset")]])
     return out / "best"
 
 
@@ -109,6 +110,10 @@ def test_toy_preset_end_to_end(tmp_path, monkeypatch):
                                                                max_new_tokens=48, progress=False))
     assert trained > 20, trained  # an untrained model scores ~0
     assert (tmp_path / "runs/toy/student-init/best/model.safetensors").is_file()
+    # the paper's setting by default: KD on the teacher's own responses, made once into the cache
+    assert json.loads((run / "args.json").read_text())["responses"] == "teacher"
+    cached = list(tmp_path.glob("data/responses/toy/*/train.jsonl"))
+    assert len(cached) == 1 and cached[0].read_bytes().count(b"\n") == 64
 
 
 def test_errors_before_any_work(tmp_path, monkeypatch):

@@ -1,0 +1,175 @@
+"""The paper's training data: the fine-tuned teacher's own responses, sampled once and cached.
+
+The paper distils on fixed *teacher-generated* responses (its Appendix A): the teacher is fine-tuned on the
+benchmark, answers every training prompt once, and the student learns from those (prompt, teacher response)
+pairs - off-policy, never sampled from the student. `train.py --responses teacher` (the default) makes them on
+first use, and every later run of the grid reads the same file:
+
+    data/responses/<benchmark>/<teacher fingerprint>/train.jsonl       one record per training prompt, in order
+    data/responses/<benchmark>/<teacher fingerprint>/provenance.json   teacher, fingerprint, seed, decoding, counts
+
+    python responses.py --teacher runs/toy/teacher/best --benchmark toy --limit 1200   # make them ahead of time
+
+The fingerprint is a hash of the teacher's config.json and weight files, so a retrained teacher at the same path
+gets new responses. Decoding is the protocol's sampling (temperature 1, no top-k, top-p 1, at most 256 new
+tokens) without n-gram blocking, cut at the first EOS. Prompts are answered in chunks of CHUNK and chunk k
+samples with its own seed, so the file is the same whether it was made in one go, resumed after a crash,
+extended to more prompts later, or shared out over torchrun processes (each answers every world_size-th chunk;
+rank 0 writes them in order).
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import evaluate
+from model import atomic_write, resolve_checkpoint, weight_files
+
+SEED = 0     # chunk k samples with seed SEED * 1_000_003 + k
+CHUNK = 64   # prompts per chunk: the unit of resuming and of sharing out over processes
+DECODING = dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=256, no_repeat_ngram_size=0)
+# What must agree between a cached file and a run for the run to use it (the rest is information)
+MUST_MATCH = ("teacher_fingerprint", "benchmark", "seed", "chunk", "decoding", "max_prompt_len")
+
+
+def fingerprint(teacher_name):
+    """sha256 over the teacher checkpoint's config.json and weight files (a directory or a hub id)."""
+    pick = lambda files: ["config.json", *weight_files(files, teacher_name)]
+    directory = resolve_checkpoint(teacher_name, pick)
+    digest = hashlib.sha256()
+    for name in pick(os.listdir(directory)):
+        digest.update(name.encode() + b"\0")
+        with open(os.path.join(directory, name), "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_dir(data_dir, benchmark, teacher_fingerprint):
+    """Where one teacher's responses to one benchmark's training prompts live. A jsonl file given as --data is
+    named by its content too."""
+    if benchmark.endswith(".jsonl"):
+        benchmark = f"{Path(benchmark).stem}-{hashlib.sha256(Path(benchmark).read_bytes()).hexdigest()[:12]}"
+    return Path(data_dir, "responses", benchmark, teacher_fingerprint[:16])
+
+
+def teacher_responses(teacher, tokenizer, records, needed, where, provenance, max_prompt_len=256, rank=0,
+                      world_size=1):
+    """The first `needed` records (None: all) with output = [the teacher's sampled response].
+
+    `records` is the whole training split: prompts are answered in whole chunks, so the file never depends on how
+    many examples the first run asked for. Responses already in `where` are read, the missing chunks generated
+    (shared out over the processes when world_size > 1) and appended. Every process returns the same list."""
+    path, meta = Path(where, "train.jsonl"), Path(where, "provenance.json")
+    provenance = {**provenance, "seed": SEED, "chunk": CHUNK, "decoding": DECODING, "max_prompt_len": max_prompt_len}
+    if meta.is_file():
+        check_provenance(json.loads(meta.read_text()), provenance, meta)
+    elif path.is_file():
+        raise SystemExit(f"error: {path} has no provenance.json beside it, so its teacher is unknown: delete {where}")
+    needed = len(records) if needed is None else min(needed, len(records))
+    wanted = min(math.ceil(needed / CHUNK) * CHUNK, len(records))
+    answered = read_complete_chunks(path, records)
+    if world_size > 1:
+        dist.barrier()  # everyone has read the file before rank 0 trims or extends it
+    if len(answered) < wanted and rank == 0:
+        where.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answered)
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:  # a torn last line or half a chunk
+            atomic_write(str(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_provenance(meta, provenance, answered)
+    todo = list(range(len(answered) // CHUNK, math.ceil(wanted / CHUNK)))
+    bar = tqdm(total=wanted - len(answered), desc="teacher responses", disable=rank != 0 or not todo)
+    for first in range(0, len(todo), world_size):
+        round_ = todo[first:first + world_size]  # chunk round_[r] is answered by process r
+        mine = answer_chunk(teacher, tokenizer, records, round_[rank], max_prompt_len) if rank < len(round_) else []
+        chunks = [mine]
+        if world_size > 1:
+            chunks = [None] * world_size
+            dist.all_gather_object(chunks, mine)
+        new = [record for chunk in chunks for record in chunk]
+        answered += new
+        if rank == 0:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
+                f.flush()
+                os.fsync(f.fileno())
+            write_provenance(meta, provenance, answered)
+        bar.update(len(new))
+    bar.close()
+    return answered[:needed]
+
+
+def answer_chunk(teacher, tokenizer, records, k, max_prompt_len):
+    """The teacher's sampled responses to chunk k of the records, each with its length in tokens and whether it
+    ended with EOS (False: cut at max_new_tokens)."""
+    chunk = records[k * CHUNK:(k + 1) * CHUNK]
+    samples = evaluate.sample(teacher, tokenizer, chunk, seed=SEED * 1_000_003 + k, max_prompt_len=max_prompt_len,
+                              progress=False, **DECODING)
+    return [{**record, "output": [tokenizer.decode(tokens).strip()], "teacher_tokens": len(tokens), "teacher_eos": eos}
+            for record, (tokens, eos) in zip(chunk, samples)]
+
+
+def read_complete_chunks(path, records):
+    """The whole chunks already in the file; a torn last line or a half-written chunk is dropped (and redone)."""
+    answered = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").split("\n"):
+            try:
+                answered.append(json.loads(line))
+            except json.JSONDecodeError:  # the empty string after the last newline, or a torn line
+                break
+    if len(answered) < len(records):
+        answered = answered[: len(answered) // CHUNK * CHUNK]
+    for i, (got, source) in enumerate(zip(answered, records)):
+        if got.get("prompt") != source["prompt"]:
+            raise SystemExit(f"error: {path}, line {i + 1} answers another prompt than training example {i + 1}: "
+                             "the training data changed since it was made; delete the file to make it anew")
+    return answered[: len(records)]
+
+
+def check_provenance(cached, wanted, meta):
+    """A cache made by another teacher, or with other sampling settings, is refused in one line naming both."""
+    differ = [k for k in MUST_MATCH if cached.get(k) != wanted[k]]
+    if differ:
+        raise SystemExit(f"error: {meta} holds responses of teacher {cached.get('teacher')} "
+                         f"(fingerprint {str(cached.get('teacher_fingerprint'))[:16]}), but this run's teacher is "
+                         f"{wanted['teacher']} (fingerprint {wanted['teacher_fingerprint'][:16]}); they differ in "
+                         f"{', '.join(differ)}: delete {meta.parent} or use --responses dataset")
+
+
+def write_provenance(meta, provenance, answered):
+    counts = {"n_prompts": len(answered), "empty": sum(not r["output"][0] for r in answered),
+              "no_eos": sum(not r.get("teacher_eos", True) for r in answered)}
+    atomic_write(str(meta), lambda tmp: Path(tmp).write_text(json.dumps({**provenance, **counts}, indent=1)))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", required=True, help="the fine-tuned teacher: checkpoint directory or hub id")
+    parser.add_argument("--benchmark", default="dolly", help="benchmark whose training prompts it answers")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N training prompts (whole chunks)")
+    parser.add_argument("--max-prompt-len", type=int, default=256)
+    parser.add_argument("--data-dir", default=data.DATA_DIR)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = parser.parse_args(argv)
+    import torch
+    from model import GPT
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = GPT.from_pretrained(args.teacher, device=device)
+    tokenizer = data.load_tokenizer("toy" if args.benchmark.startswith("toy") else args.teacher)
+    teacher_fingerprint = fingerprint(args.teacher)
+    where = cache_dir(args.data_dir, args.benchmark, teacher_fingerprint)
+    records = data.load_split(args.benchmark, "train", args.data_dir)
+    provenance = {"teacher": args.teacher, "teacher_fingerprint": teacher_fingerprint, "benchmark": args.benchmark}
+    teacher_responses(teacher, tokenizer, records, args.limit, where, provenance, args.max_prompt_len)
+    print(f"{where / 'train.jsonl'}\n{(where / 'provenance.json').read_text()}")
+
+
+if __name__ == "__main__":
+    main()
