@@ -71,10 +71,16 @@ def sample(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256, p
         new = model.generate(input_ids.to(device), mask.to(device), eos_token_id=tokenizer.eos_id,
                              generator=generator, **decoding)
         for i, tokens in zip(rows, new.tolist()):
-            if tokenizer.eos_id in tokens:  # cut at the first EOS
-                tokens = tokens[: tokens.index(tokenizer.eos_id)]
-            responses[i] = tokenizer.decode(tokens).strip()
-    return responses
+            ended = tokenizer.eos_id in tokens
+            samples[i] = (tokens[: tokens.index(tokenizer.eos_id)] if ended else tokens, ended)  # cut at the first EOS
+    return samples
+
+
+def generate_responses(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256, progress=True,
+                       desc="generating", **decoding):
+    """One sampled response per record, in order, as stripped text (see `sample`)."""
+    samples = sample(model, tokenizer, records, seed, batch_size, max_prompt_len, progress, desc, **decoding)
+    return [tokenizer.decode(tokens).strip() for tokens, _ in samples]
 
 
 def score(records, responses):
@@ -186,7 +192,8 @@ def summarize(runs_dir, out_dir=None, eval_name="eval"):
     objective x tau grid with per-benchmark columns; a heatmap and tau curves as PNG when matplotlib exists.
     Mean ± std: the mean over every training and sampling seed, the std over training seeds (a cell with one
     training run: over its sampling seeds)."""
-    grid = _grid(collect_runs(runs_dir, eval_name))
+    runs = collect_runs(runs_dir, eval_name)
+    grid = _grid(runs)
     if not grid:
         raise FileNotFoundError(f"no finished runs (args.json + best/{eval_name}/results.json) under {runs_dir}")
     benchmarks = sorted({b for cell in grid.values() for b in cell})
@@ -212,6 +219,7 @@ def summarize(runs_dir, out_dir=None, eval_name="eval"):
     for (o, t), cell in sorted(grid.items(), key=lambda kv: (kv[0][1] is not None, kv[0][0], kv[0][1] or 0)):
         row = " | ".join(fmt(cell, [b]) if b in cell else "" for b in benchmarks)
         lines.append(f"| {o} | {'' if t is None else f'{t:g}'} | {row} | {fmt(cell, averaged)} |")
+    lines += claims(runs, averaged)
     table = "\n".join(lines)
     out_dir = Path(out_dir or runs_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -221,6 +229,37 @@ def summarize(runs_dir, out_dir=None, eval_name="eval"):
     except ImportError:
         print("matplotlib is not installed: wrote the markdown summary only")
     return table
+
+
+def claims(runs, averaged):
+    """The paper's four claims checked per training seed: each comparison is a paired difference between two
+    cells' runs of the same seed, reported as mean ± std over seeds and how many seeds agree with the paper.
+    The best τ of an objective is the one with the best mean over seeds (as in Table 1)."""
+    by_seed = {}  # (objective, tau) -> {training seed: ROUGE-L averaged over `averaged`}
+    for _, args, results in runs:
+        if args.get("mode") != "sft" and all(b in results for b in averaged):
+            value = statistics.fmean(statistics.fmean(results[b]["scores"].values()) for b in averaged)
+            by_seed.setdefault((args["loss"], float(args["tau"])), {})[args.get("seed")] = value
+    if not {("fkl", 1.0), ("rkl", 1.0)} <= set(by_seed):
+        return []
+    mean = {cell: statistics.fmean(scores.values()) for cell, scores in by_seed.items()}
+    best = {}  # objective -> its best tau (a tie goes to the smaller tau), in the paper's order of objectives
+    for (o, t), m in sorted(mean.items(), key=lambda kv: (list(LOSSES).index(kv[0][0]), kv[0][1])):
+        if o not in best or m > mean[(o, best[o])]:
+            best[o] = t
+
+    def paired(a, b):  # a - b over the seeds both cells have: "mean ± std (k of n seeds > 0)"
+        diffs = [by_seed[a][s] - by_seed[b][s] for s in sorted(by_seed[a]) if s in by_seed[b]]
+        std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        return f"{statistics.fmean(diffs):+.2f} ± {std:.2f} ({sum(d > 0 for d in diffs)} of {len(diffs)} seeds > 0)"
+
+    fkl, rkl = ("fkl", best["fkl"]), ("rkl", best["rkl"])
+    gains = [f"{o} {paired((o, best[o]), (o, 1.0))}" for o in best if (o, 1.0) in by_seed and best[o] != 1.0]
+    return ["", "## The paper's claims, per training seed (paired differences of the same seed's runs)", "",
+            f"1. RKL > FKL at τ = 1: RKL − FKL = {paired(('rkl', 1.0), ('fkl', 1.0))}",
+            f"2. FKL at its best τ ({fkl[1]:g}) > RKL at its best τ ({rkl[1]:g}): FKL − RKL = {paired(fkl, rkl)}",
+            "3. gain of the best τ over τ = 1: " + ("; ".join(gains) or "no objective's best τ is above 1"),
+            "4. best τ (paper: 2.5-3.5): " + ", ".join(f"{o} {t:g}" for o, t in best.items())]
 
 
 def _plot(grid, objectives, taus, averaged, out_dir):

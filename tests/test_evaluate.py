@@ -73,6 +73,25 @@ def test_summarize_builds_the_paper_tables(tmp_path):
     assert (tmp_path / "heatmap.png").stat().st_size > 0 and (tmp_path / "tau_curves.png").stat().st_size > 0
 
 
+def test_summarize_checks_the_claims_with_per_seed_paired_differences(tmp_path):
+    scores = {("fkl", 1.0): [20, 22, 21], ("fkl", 2.0): [30, 26, 28], ("rkl", 1.0): [25, 23, 27],
+              ("rkl", 2.0): [24, 24, 24]}
+    for (loss, tau), per_seed in scores.items():
+        for seed, value in enumerate(per_seed, 1):
+            run = tmp_path / f"{loss}-tau{tau:g}-seed{seed}"
+            (run / "best" / "eval").mkdir(parents=True)
+            (run / "args.json").write_text(json.dumps({"loss": loss, "tau": tau, "mode": "kd", "seed": seed}))
+            (run / "best" / "eval" / "results.json").write_text(json.dumps(
+                {"benchmarks": {"toy": {"scores": {"10": value - 1, "20": value + 1}, "mean": 0, "std": 0, "n": 1}}}))
+    table = evaluate.summarize(str(tmp_path))
+    # by hand: RKL - FKL at tau 1 = 5, 1, 6; FKL at tau 2 (its best) - RKL at tau 1 (its best) = 5, 3, 1;
+    # FKL's gain 10, 4, 7; sample std of (5, 1, 6) = sqrt(7)
+    assert "1. RKL > FKL at τ = 1: RKL − FKL = +4.00 ± 2.65 (3 of 3 seeds > 0)" in table
+    assert "2. FKL at its best τ (2) > RKL at its best τ (1): FKL − RKL = +3.00 ± 2.00 (3 of 3 seeds > 0)" in table
+    assert "3. gain of the best τ over τ = 1: fkl +7.00 ± 3.00 (3 of 3 seeds > 0)\n" in table
+    assert "4. best τ (paper: 2.5-3.5): fkl 2, rkl 1" in table
+
+
 def test_protocol_ngram_block_is_six_bpe_tokens():
     assert evaluate.protocol_ngram_size(data.byte_tokenizer()) == 24
     class FakeBPE:
