@@ -14,14 +14,21 @@ chunks, computes each chunk's value *and* its gradient right away, and keeps onl
 buffer). So the objectives can be written as naive math while the whole loss needs about one extra copy of the
 logits (`bench/bench_losses.py` measures it).
 """
-import functools
-import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 
 LOG_ZERO = -1e30  # stands for log 0 (a -inf logit): keeps 0 * log 0 = 0 in values and gradients instead of NaN
+
+
+def hyperparameters(**domains):
+    """Declare an objective's hyper-parameters with their domains, written as intervals: "[0, 1)", "(0, inf)".
+    check_objective reads them; a hyper-parameter not declared here is refused for that objective."""
+    def declare(objective):
+        objective.domains = domains
+        return objective
+    return declare
 
 
 def _kl(log_a, log_b):
@@ -33,22 +40,26 @@ def _log(x):
     return math.log(x) if x > 0 else -math.inf
 
 
+@hyperparameters()
 def fkl(log_p, log_q, target=None):
     """Forward KL:  KL(p || q) = sum_v p_v (log p_v - log q_v).   d/dz_s = (q - p) / tau   (Eq. 2)"""
     return _kl(log_p, log_q)
 
 
+@hyperparameters()
 def rkl(log_p, log_q, target=None):
     """Reverse KL:  KL(q || p) = sum_v q_v (log q_v - log p_v).
     d/dz_s,i = q_i (log(q_i/p_i) - KL) / tau = q_i (D_i - E_q[D]) / tau^2 with D = z_s - z_t   (Eq. 3, 4)"""
     return _kl(log_q, log_p)
 
 
+@hyperparameters(weight="[0, 1]")
 def sym(log_p, log_q, target=None, weight=0.5):
     """Symmetric KL:  w KL(p || q) + (1 - w) KL(q || p),  w = 0.5."""
     return weight * _kl(log_p, log_q) + (1 - weight) * _kl(log_q, log_p)
 
 
+@hyperparameters(beta="[0, 1]")
 def js(log_p, log_q, target=None, beta=0.5):
     """Generalized Jensen-Shannon (GKD):  m = beta p + (1 - beta) q,  beta KL(p || m) + (1 - beta) KL(q || m).
     At the end points the value would be 0; as in GKD, beta = 0 means FKL and beta = 1 means RKL."""
@@ -58,17 +69,20 @@ def js(log_p, log_q, target=None, beta=0.5):
     return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
 
 
+@hyperparameters(alpha="[0, 1)")  # alpha = 1 compares p with itself; > 1 is no distribution
 def sfkl(log_p, log_q, target=None, alpha=0.1):
     """Skew forward KL (DistiLLM):  KL(p || alpha p + (1 - alpha) q),  alpha = 0.1 (teacher weight in the mix)."""
     return _kl(log_p, torch.logaddexp(log_p + _log(alpha), log_q + _log(1 - alpha)))
 
 
+@hyperparameters(alpha="[0, 1)")
 def srkl(log_p, log_q, target=None, alpha=0.1):
     """Skew reverse KL (DistiLLM):  KL(q || alpha q + (1 - alpha) p),  alpha = 0.1 (student weight in the mix).
     The gradient flows through q in both places."""
     return _kl(log_q, torch.logaddexp(log_q + _log(alpha), log_p + _log(1 - alpha)))
 
 
+@hyperparameters(mu="[0, 1]")
 def akl(log_p, log_q, target=None, mu=0.5):
     """Adaptive KL (Wu et al. 2025):  g_head KL(p || q) + g_tail KL(q || p).
     Head = the teacher's most likely tokens whose cumulative mass (inclusive) is <= mu, plus always the top-1;
@@ -85,6 +99,7 @@ def akl(log_p, log_q, target=None, mu=0.5):
     return g_head * _kl(log_p, log_q) + (1 - g_head) * _kl(log_q, log_p)
 
 
+@hyperparameters(alpha="(-inf, inf)", beta="(-inf, inf)")  # any finite pair: the limits cover the zeros
 def ab(log_p, log_q, target=None, alpha=0.2, beta=0.7):
     """Alpha-beta divergence (ABKD, Wang et al. 2025), alpha = 0.2, beta = 0.7:
         -1/(alpha beta) sum_v [ p^a q^b - a/(a+b) p^(a+b) - b/(a+b) q^(a+b) ]
@@ -110,6 +125,7 @@ def ab(log_p, log_q, target=None, alpha=0.2, beta=0.7):
     return -(cross - a / (a + b) * p_ab - b / (a + b) * q_ab).sum(-1) / (a * b)
 
 
+@hyperparameters(gamma="(0, inf)")
 def drkl(log_p, log_q, target, gamma=0.5):
     """Diversity-aware RKL (Luong et al. 2026):  KL(b_q || b_p) + gamma KL(q^ || p^).
     b = (x_t, 1 - x_t) splits target / non-target mass; q^, p^ are the non-target distributions renormalised.
@@ -126,6 +142,7 @@ def drkl(log_p, log_q, target, gamma=0.5):
     return binary + gamma * _kl(log_q_hat, log_p_hat)
 
 
+@hyperparameters()
 def tvd(log_p, log_q, target=None):
     """Total variation distance:  1/2 sum_v |p_v - q_v|."""
     return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
@@ -138,7 +155,30 @@ def ce(log_p, log_q, target):
 
 LOSSES = {"fkl": fkl, "rkl": rkl, "sym": sym, "js": js, "sfkl": sfkl, "srkl": srkl, "akl": akl, "ab": ab,
           "drkl": drkl, "tvd": tvd}
-HPARAMS = ("alpha", "beta", "gamma", "mu", "weight")
+HPARAMS = tuple(sorted({name for objective in LOSSES.values() for name in objective.domains}))
+
+
+def check_objective(name, tau, **hparams):
+    """The objective's contract, one check for the command line and for distill_loss: a known name, a finite
+    tau > 0, and only the objective's own hyper-parameters, each inside its declared domain."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    domains = LOSSES[name].domains
+    for key, value in hparams.items():
+        if key not in domains:
+            raise ValueError(f"{name} has no hyper-parameter {key!r} (it takes {', '.join(domains) or 'none'})")
+        if not (isinstance(value, (int, float)) and _inside(value, domains[key])):
+            raise ValueError(f"{name}: {key} must be in {domains[key]}, got {value!r}")
+
+
+def _inside(value, interval):
+    """value lies in an interval written as in math, "[0, 1)" or "(0, inf)" (and is a finite number)."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return math.isfinite(value) and above and below
 
 
 def distill_loss(name, student_logits, teacher_logits, labels, tau=1.0, tau_sq=False, reduction="mean",
@@ -147,19 +187,16 @@ def distill_loss(name, student_logits, teacher_logits, labels, tau=1.0, tau_sq=F
 
     labels (B, T): the next token at response positions, -100 elsewhere (prompt, padding). The value is the token
     mean over every non-ignored position of the batch (reduction="sum" gives the sum, for callers that normalise
-    over several micro-batches). hparams: alpha, beta, gamma, mu, weight (None = the objective's default).
+    over several micro-batches). hparams: the objective's own (None = its default), see check_objective.
     tau_sq multiplies by tau^2 (Hinton's convention; off by default, as in the paper).
     """
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
+    hparams = {k: v for k, v in hparams.items() if v is not None}
+    check_objective(name, tau, **hparams)
     if teacher_logits is None or teacher_logits.shape != student_logits.shape:
         got = None if teacher_logits is None else tuple(teacher_logits.shape)
         vocab = "" if got is None or got[-1] == student_logits.shape[-1] else " (teacher/student vocabulary mismatch)"
         raise ValueError(f"teacher logits {got} must match student logits {tuple(student_logits.shape)}{vocab}")
-    if unknown := set(hparams) - set(HPARAMS):
-        raise ValueError(f"unknown hyper-parameter(s) {sorted(unknown)}: expected some of {HPARAMS}")
-    accepted = inspect.signature(LOSSES[name]).parameters
-    per_token = functools.partial(LOSSES[name], **{k: v for k, v in hparams.items() if k in accepted and v is not None})
+    per_token = lambda log_p, log_q, target: LOSSES[name](log_p, log_q, target, **hparams)
     loss = _token_loss(per_token, student_logits, teacher_logits, labels, tau, reduction, chunk_size)
     return loss * tau**2 if tau_sq else loss
 
@@ -179,8 +216,6 @@ def _log_probs(logits, tau):  # (n, V) any float dtype -> float32 log-probabilit
 
 
 def _token_loss(per_token, student_logits, teacher_logits, labels, tau, reduction, chunk_size):
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a positive number, got {tau!r}")
     if labels.shape != student_logits.shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} must match the logits' (B, T) {tuple(student_logits.shape[:-1])}")
     if reduction not in ("mean", "sum"):

@@ -282,12 +282,18 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="unknown loss 'kl'"):
         distill_loss("kl", student, teacher, labels)
     for tau in (0, -1.0, float("nan")):
-        with pytest.raises(ValueError, match="tau must be a positive number"):
+        with pytest.raises(ValueError, match="tau must be a finite number > 0"):
             distill_loss("fkl", student, teacher, labels, tau=tau)
     with pytest.raises(ValueError, match="vocabulary mismatch"):
         distill_loss("fkl", student, teacher[..., :10], labels)
-    with pytest.raises(ValueError, match="unknown hyper-parameter"):
+    with pytest.raises(ValueError, match="fkl has no hyper-parameter 'temperature' \\(it takes none\\)"):
         distill_loss("fkl", student, teacher, labels, temperature=2)
+    with pytest.raises(ValueError, match="fkl has no hyper-parameter 'alpha'"):  # not silently ignored
+        distill_loss("fkl", student, teacher, labels, alpha=0.3)
+    for name, hp, domain in (("sfkl", dict(alpha=1.5), r"\[0, 1\)"), ("drkl", dict(gamma=-0.1), r"\(0, inf\)"),
+                             ("ab", dict(alpha=float("nan")), r"\(-inf, inf\)"), ("sym", dict(weight=2), r"\[0, 1\]")):
+        with pytest.raises(ValueError, match=f"{name}: {next(iter(hp))} must be in {domain}"):
+            distill_loss(name, student, teacher, labels, **hp)
     with pytest.raises(ValueError, match="labels"):
         distill_loss("fkl", student, teacher, labels[:, :3])
     with pytest.raises(ValueError, match="outside the vocabulary"):
