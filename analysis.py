@@ -13,10 +13,12 @@ Writes analysis.md (a table) and analysis.png next to --out.
 """
 import argparse
 import json
+import math
 import os
 
 import torch
 
+import checks
 import data
 
 TAUS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 10.0, 100.0, 1000.0)
@@ -119,11 +121,23 @@ def main(argv=None):
     p.add_argument("--taus", default=",".join(f"{t:g}" for t in TAUS))
     p.add_argument("--out", default=None, help="folder for analysis.md / analysis.png (default: the student's)")
     args = p.parse_args(argv)
-    teacher, student = GPT.from_pretrained(args.teacher), GPT.from_pretrained(args.student)
+    for flag in ("--teacher", "--student"):  # the door (checks.py)
+        checks.checkpoint(flag, getattr(args, flag[2:]))
+    checks.benchmark("--data", args.data, args.data_dir, split="train")
+    checks.at_least("--examples", args.examples, 1)
+    try:
+        taus = [float(t) for t in args.taus.split(",")]
+    except ValueError:
+        checks.fail(f"--taus must be comma-separated numbers, got {args.taus!r}")
+    if not all(math.isfinite(tau) and tau > 0 for tau in taus):
+        checks.fail(f"--taus: every tau must be a finite number > 0, got {args.taus!r}")
+    checks.writable("--out", args.out or args.student)
     tokenizer = data.load_tokenizer(args.student)
+    checks.same_vocabulary(data.load_tokenizer(args.teacher), tokenizer, args.teacher, args.student)
+    teacher, student = GPT.from_pretrained(args.teacher), GPT.from_pretrained(args.student)
     records = data.load_split(args.data, "train", args.data_dir)[: args.examples]
     zs, zt, targets = response_logits(teacher, student, tokenizer, records)
-    rows = [gradient_stats(zs, zt, targets, float(t)) for t in args.taus.split(",")]
+    rows = [gradient_stats(zs, zt, targets, tau) for tau in taus]
     out = args.out or args.student
     os.makedirs(out, exist_ok=True)
     text = table(rows)
@@ -140,4 +154,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    checks.run_cli(main)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import string
 from pathlib import Path
 
@@ -66,9 +67,19 @@ class Tokenizer:
             ids = ranks[ranks >= 0].tolist()  # ids with no token (e.g. OPT's <pad>/<unk>) decode to nothing
         return self.encoding.decode(ids, errors="replace")
 
+    def id_to_bytes(self):
+        """{model id: the bytes it stands for}, over the whole vocabulary and the special tokens."""
+        table = {}
+        for rank in range(self.encoding.n_vocab):
+            try:
+                token = self.encoding.decode_single_token_bytes(rank)
+            except KeyError:  # a rank with no token
+                continue
+            table[rank if self.rank_to_id is None else int(self.rank_to_id[rank])] = token
+        return table
+
     def save_pretrained(self, directory):
         """Write vocab.json + merges.txt next to a checkpoint, so it carries its own tokenizer."""
-        import shutil
         os.makedirs(directory, exist_ok=True)
         if self.source is not None:
             for f in ("vocab.json", "merges.txt"):
@@ -145,24 +156,57 @@ def load_tokenizer(name_or_path):
 # Reading and writing the jsonl schema
 
 
-def read_jsonl(path):
-    """Records of a jsonl file; a malformed line raises an error naming the file and line number."""
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file behind."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_dir(path, write):
+    """Call write(tmp_dir), then put the directory in place of `path` (best/, a stage's output): readers see the
+    old directory or the new one, whole, never a half-written one."""
+    tmp, old = f"{path}.tmp{os.getpid()}", f"{path}.old{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if os.path.isdir(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_jsonl(path, check=None):
+    """Records (JSON objects) of a jsonl file, each passed through check(record, "file, line N") when given; a
+    malformed line raises an error naming the file and line number."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist (run `python data.py prepare` to download the benchmarks)")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {number}: malformed json ({e.msg})") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {number}: malformed json ({e.msg})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}, line {number}: a record must be a JSON object, got "
+                                     f"{type(record).__name__}")
+                records.append(check(record, f"{path}, line {number}") if check else record)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start} of a line cannot be decoded)") from None
     return records
 
 
 def write_jsonl(path, records):
-    from model import atomic_write
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -174,8 +218,14 @@ def normalize(record, where="record"):
     missing = [k for k in ("instruction", "output") if k not in record]
     if missing:
         raise ValueError(f"{where}: missing field(s) {missing} (has {sorted(record)})")
-    fix = lambda text: str(text).replace("<n>", "\n")
-    outputs = record["output"] if isinstance(record["output"], list) else [record["output"]]
+    output = record["output"]
+    if not isinstance(record["instruction"], str) or not isinstance(record.get("input") or "", str):
+        raise ValueError(f"{where}: instruction and input must be strings")
+    if not (isinstance(output, str) and output.strip()) and not (
+            isinstance(output, list) and output and all(isinstance(o, str) for o in output)):
+        raise ValueError(f"{where}: output must be a non-empty string or a non-empty list of strings, got {output!r}")
+    fix = lambda text: text.replace("<n>", "\n")
+    outputs = output if isinstance(output, list) else [output]
     instruction, input = fix(record["instruction"]).strip(), fix(record.get("input") or "").strip()
     return {"instruction": instruction, "input": input, "output": [fix(o).strip() for o in outputs],
             "prompt": build_prompt(instruction, input)}
@@ -210,7 +260,6 @@ def _verified(directory):
 
 
 def _write_benchmark(directory, splits):
-    from model import atomic_write
     for split, records in splits.items():
         write_jsonl(os.path.join(directory, f"{split}.jsonl"), records)
     manifest = {"files": {f"{s}.jsonl": _sha256(os.path.join(directory, f"{s}.jsonl")) for s in splits},
@@ -221,6 +270,10 @@ def _write_benchmark(directory, splits):
 def prepare(names, data_dir=DATA_DIR, force=False):
     """Download and normalise the benchmarks into data_dir/<name>/{train,valid,test}.jsonl (idempotent)."""
     from model import resolve_checkpoint
+    unknown = [name for name in names if name not in BENCHMARKS and name != "toy"]
+    if unknown or not names:  # checked before the first download
+        raise ValueError(f"--benchmarks: unknown benchmark {(unknown or [''])[0]!r}: choose from "
+                         f"{', '.join([*BENCHMARKS, 'toy'])}")
     for name in names:
         directory = os.path.join(data_dir, name)
         if not force and _verified(directory):
@@ -229,8 +282,6 @@ def prepare(names, data_dir=DATA_DIR, force=False):
         if name == "toy":  # generated, not downloaded: written out so it can be read like the others
             _write_benchmark(directory, {s: toy_split(s) for s in TOY_SPLITS})
             continue
-        if name not in BENCHMARKS:
-            raise ValueError(f"unknown benchmark {name!r}: choose from {', '.join([*BENCHMARKS, 'toy'])}")
         repo, files, limit = BENCHMARKS[name]
         local = resolve_checkpoint(repo, lambda available: [files[s] for s in files], repo_type="dataset")
         splits = {}
@@ -251,7 +302,7 @@ def load_split(benchmark, split, data_dir=DATA_DIR):
     """Records of one split. The toy benchmark is generated in memory; `toy-hard` is the toy's hard test.
     A path to a jsonl file (e.g. teacher-generated responses) is read as is."""
     if benchmark.endswith(".jsonl"):
-        return [normalize(r, f"{benchmark}, line {i + 1}") for i, r in enumerate(read_jsonl(benchmark))]
+        return read_jsonl(benchmark, normalize)
     if benchmark == "toy-hard":
         benchmark, split = "toy", "test-hard"
     if benchmark == "toy":
@@ -466,8 +517,11 @@ def main(argv=None):
     prep.add_argument("--data-dir", default=DATA_DIR)
     prep.add_argument("--force", action="store_true", help="redo benchmarks that are already prepared")
     args = parser.parse_args(argv)
-    prepare(args.benchmarks.split(","), args.data_dir, args.force)
+    import checks
+    checks.writable("--data-dir", args.data_dir)
+    prepare([b for b in args.benchmarks.split(",") if b], args.data_dir, args.force)
 
 
 if __name__ == "__main__":
-    main()
+    from checks import run_cli
+    run_cli(main)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import checks
 import data
 from losses import LOSSES
 
@@ -121,10 +122,9 @@ def evaluate(model, tokenizer, benchmarks, seeds=SEEDS, batch_size=32, out_dir=N
         results[benchmark] = {"scores": scores, "mean": statistics.fmean(values),
                               "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(records)}
     if out_dir:
-        from model import atomic_write
         settings = decoding_settings(tokenizer, **decoding)
         payload = json.dumps({"benchmarks": results, "decoding": settings, "seeds": list(seeds)}, indent=1)
-        atomic_write(os.path.join(out_dir, "results.json"), lambda tmp: Path(tmp).write_text(payload))
+        data.atomic_write(os.path.join(out_dir, "results.json"), lambda tmp: Path(tmp).write_text(payload))
     return results
 
 
@@ -307,6 +307,8 @@ def main(argv=None):
         parser.add_argument("--out", default=None, help="where summary.md and the PNGs go (default: runs_dir)")
         parser.add_argument("--eval-name", default="eval", help="read best/<eval-name>/results.json of every run")
         args = parser.parse_args(argv[1:])
+        if not os.path.isdir(args.runs_dir):
+            checks.fail(f"{args.runs_dir}: no such directory of runs")
         print(summarize(args.runs_dir, args.out, args.eval_name))
         return
     from model import GPT
@@ -330,16 +332,29 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.out and len(args.model) > 1:
         parser.error("--out takes one --model; with several, results go to <model>/<eval-name>")
+    for name in args.model:  # the door (checks.py): before any model loads
+        checks.checkpoint("--model", name)
+    if args.tokenizer and not os.path.isdir(args.tokenizer) and checks.looks_local(args.tokenizer):
+        checks.fail(f"--tokenizer {args.tokenizer}: no such directory")
+    benchmarks = checks.benchmarks("--benchmarks", args.benchmarks, args.data_dir)
+    if not benchmarks:
+        checks.fail("--benchmarks names no benchmark")
+    seeds = checks.seeds("--seeds", args.seeds)
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-examples", args.max_examples, 1),
+                             ("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--no-repeat-ngram-size", args.no_repeat_ngram_size, 0)):
+        checks.at_least(flag, value, low)
+    checks.finite("--decode-temperature", args.decode_temperature, low=0)
+    checks.writable("--out", args.out or ".")
     ngram = {} if args.no_repeat_ngram_size is None else {"no_repeat_ngram_size": args.no_repeat_ngram_size}
     for name in args.model:
         model = GPT.from_pretrained(name, dtype=getattr(torch, args.dtype), device=args.device)
         tokenizer = data.load_tokenizer(args.tokenizer or name)
         out = args.out or (os.path.join(name, args.eval_name) if os.path.isdir(name) else os.path.join(args.eval_name, name))
-        results = evaluate(model, tokenizer, args.benchmarks.split(","), [int(s) for s in args.seeds.split(",")],
-                           args.batch_size, out, args.data_dir, args.max_examples, temperature=args.decode_temperature,
+        results = evaluate(model, tokenizer, benchmarks, seeds, args.batch_size, out, args.data_dir, args.max_examples, temperature=args.decode_temperature,
                            max_new_tokens=args.max_new_tokens, **ngram)
         print(f"{name}\n{results_table(results)}\npredictions and results.json in {out}")
 
 
 if __name__ == "__main__":
-    main()
+    checks.run_cli(main)

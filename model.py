@@ -9,6 +9,7 @@ import functools
 import json
 import math
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,6 +223,7 @@ class GPT(nn.Module):
     def save_pretrained(self, out_dir):
         """Write config.json + model.safetensors with Hugging Face's names (loadable by transformers)."""
         from safetensors.torch import save_file
+        from data import atomic_write
         os.makedirs(out_dir, exist_ok=True)
         prefix, tensors = HF_PREFIX[self.cfg.model_type], {}
         for name, tensor in self.state_dict().items():
@@ -343,7 +345,7 @@ def resolve_checkpoint(name_or_path, pick, repo_type="model"):
     download (into the standard Hugging Face cache, with a progress bar). Returns a local directory."""
     if os.path.isdir(name_or_path):
         return name_or_path
-    elif os.path.isabs(name_or_path) or name_or_path.startswith(".") or name_or_path.count("/") > 1:
+    elif looks_local(name_or_path):  # never ask the hub for a mistyped local path
         raise FileNotFoundError(f"directory {name_or_path!r} does not exist")
     import huggingface_hub
     try:
@@ -354,6 +356,10 @@ def resolve_checkpoint(name_or_path, pick, repo_type="model"):
     wanted = pick(files)
     paths = [huggingface_hub.hf_hub_download(name_or_path, f, repo_type=repo_type) for f in wanted]
     return paths[0][:-len(wanted[0])].rstrip(os.sep)  # the snapshot folder that holds them all
+
+
+def looks_local(name):  # a path, not a hub id ("gpt2", "owner/name"): /.., ./.., a/b/c, or in a folder here
+    return os.path.isabs(name) or name.startswith(".") or name.count("/") > 1 or os.path.isdir(name.split("/")[0])
 
 
 def weight_files(files, where):
@@ -380,21 +386,9 @@ def _read_tensors(directory):
                     yield from ((key, f.get_tensor(key)) for key in f.keys())
             except Exception as e:  # truncated or corrupt file
                 raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-            continue
-        import zipfile  # only the zip format (torch >= 1.6) can be memory-mapped; the legacy format is read whole
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        except Exception as e:
-            raise ValueError(f"{path} is not a readable PyTorch weights file (truncated or corrupt?): {e}") from e
-        yield from state.items()
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file behind."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        else:  # only the zip format (torch >= 1.6) can be memory-mapped; the legacy format is read whole
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            except Exception as e:
+                raise ValueError(f"{path} is not a readable PyTorch weights file (truncated or corrupt?): {e}") from e
+            yield from state.items()

@@ -27,9 +27,11 @@ from pathlib import Path
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checks
 import data
 import evaluate
-from model import atomic_write, resolve_checkpoint, weight_files
+from data import atomic_write
+from model import resolve_checkpoint, weight_files
 
 SEED = 0     # chunk k samples with seed SEED * 1_000_003 + k
 CHUNK = 64   # prompts per chunk: the unit of resuming and of sharing out over processes
@@ -158,6 +160,11 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=data.DATA_DIR)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
+    checks.checkpoint("--teacher", args.teacher)  # the door (checks.py)
+    checks.benchmark("--benchmark", args.benchmark, args.data_dir, split="train")
+    checks.at_least("--limit", args.limit, 1)
+    checks.at_least("--max-prompt-len", args.max_prompt_len, 1)
+    checks.writable("--data-dir", args.data_dir)
     import torch
     from model import GPT
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -172,4 +179,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    checks.run_cli(main)

@@ -16,7 +16,9 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)   # run directories are relative to where you call it from, as for train.py
 
+fail() { echo "error: $*" >&2; exit 2; }
 PRESET=${PRESET:-gpt2}
+case "$PRESET" in gpt2|opt|toy) ;; *) fail "PRESET must be gpt2, opt or toy, got '$PRESET'" ;; esac
 LOSSES=${LOSSES:-"fkl rkl sym js sfkl srkl akl ab drkl tvd"}
 TAUS=${TAUS:-"1 1.5 2 2.5 3 3.5 4"}
 TAU1_ONLY=${TAU1_ONLY:-"ab drkl"}          # the paper reports these at tau = 1 only
@@ -24,7 +26,7 @@ RESPONSES=${RESPONSES:-teacher}
 case "$RESPONSES" in
   teacher) RUNS=${RUNS:-runs/$PRESET} ;;
   dataset) RUNS=${RUNS:-runs/$PRESET-dataset} ;;
-  *) echo "error: RESPONSES must be teacher or dataset, got '$RESPONSES'" >&2; exit 2 ;;
+  *) fail "RESPONSES must be teacher or dataset, got '$RESPONSES'" ;;
 esac
 EXTRA=${EXTRA:-}
 PYTHON=${PYTHON:-python}
@@ -37,8 +39,17 @@ else
   NPROC=${NPROC:-$($PYTHON -c "import torch; print(max(torch.cuda.device_count(), 1))")}
   SEEDS=${SEEDS:-"1"}                      # training seeds
 fi
-# The preset's teacher, student and evaluation seeds, read in one Python start (importing train imports torch)
-settings=$(PYTHONPATH="$HERE" $PYTHON -c "import evaluate, train; p = train.PRESETS['$PRESET']
+# Every setting is checked before the first run (also with DRY_RUN), so a typo never runs half a grid
+for tau in $TAUS; do
+  [[ "$tau" =~ ^[0-9]*\.?[0-9]+$ && ! "$tau" =~ ^[0.]+$ ]] || fail "TAUS: '$tau' is not a number > 0"
+done
+for seed in $SEEDS; do [[ "$seed" =~ ^[0-9]+$ ]] || fail "SEEDS: '$seed' is not a whole number"; done
+[[ -n "${LOSSES// /}" && -n "${TAUS// /}" && -n "${SEEDS// /}" ]] || fail "LOSSES, TAUS and SEEDS must not be empty"
+# The preset's teacher, student and evaluation seeds, read in one Python start (importing train imports torch),
+# which also checks the objectives' names
+settings=$(PYTHONPATH="$HERE" $PYTHON -c "import sys, evaluate, losses, train; p = train.PRESETS['$PRESET']
+bad = [loss for loss in '$LOSSES'.split() if loss not in losses.LOSSES]
+if bad: sys.exit(f'error: LOSSES: unknown objective {bad[0]!r}: choose from {\" \".join(losses.LOSSES)}')
 print(p.get('teacher', ''), p.get('student', ''), p.get('eval_seeds', ','.join(map(str, evaluate.SEEDS))), sep='\n')")
 { read -r TEACHER; read -r STUDENT; read -r PRESET_EVAL_SEEDS; } <<< "$settings"
 EVAL_SEEDS=${EVAL_SEEDS:-$PRESET_EVAL_SEEDS}  # sampling seeds of the evaluation
@@ -60,7 +71,7 @@ for seed in $SEEDS; do
     for tau in $TAUS; do
       if [[ " $TAU1_ONLY " == *" $loss "* ]] && [ "$tau" != 1 ]; then continue; fi
       out="$RUNS/$loss-tau$tau-seed$seed"
-      if [ ! -f "$out/finished.json" ]; then
+      if [ ! -f "$out/finished.json" ] || [ ! -f "$out/best/config.json" ]; then  # only a whole run is skipped
         resume=()
         if [ -f "$out/last.pt" ]; then resume=(--resume); fi
         # train.py evaluates best/ itself when it finishes (one process start less per run)

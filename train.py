@@ -10,10 +10,15 @@ loss = (1 - kd_ratio) * CE + kd_ratio * distill_loss(...), backward over micro-b
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
 import random
+import re
+import shlex
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,11 +27,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checks
 import data
 import evaluate
 import responses
-from losses import HPARAMS, LOSSES, ce_loss, distill_loss
-from model import GPT, GPTConfig, atomic_write
+from losses import HPARAMS, LOSSES, ce_loss, check_objective, distill_loss
+from model import GPT, GPTConfig
 
 # From-scratch model sizes for the toy benchmark (byte vocabulary, 512 positions); "scratch:<layers>x<width>"
 # builds any other size with 48-dim heads.
@@ -113,13 +119,6 @@ def resolve_args(args):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.tau_sq = bool(args.tau_sq)
-    if args.mode == "kd":
-        if args.loss not in LOSSES:
-            raise SystemExit(f"error: unknown loss {args.loss!r}: choose one of {', '.join(LOSSES)}")
-        if not (args.tau > 0 and math.isfinite(args.tau)):
-            raise SystemExit(f"error: --tau must be > 0, got {args.tau}")
-        if not 0 <= args.kd_ratio <= 1:
-            raise SystemExit(f"error: --kd-ratio must be in [0, 1], got {args.kd_ratio}")
     if args.responses is None:
         args.responses = "teacher" if args.mode == "kd" and not args.data.endswith(".jsonl") else "dataset"
     if args.responses == "teacher" and (args.mode == "sft" or is_scratch(args.teacher or "")):
@@ -132,18 +131,62 @@ def resolve_args(args):
         name = "teacher" if args.mode == "sft" else f"{args.loss}-tau{args.tau:g}"
         name += "-dataset" if args.mode == "kd" and args.responses == "dataset" else ""
         args.out = os.path.join(preset["out"], name)
-    if not args.data.endswith(".jsonl") and args.data != "toy":
-        path = os.path.join(args.data_dir, args.data, "train.jsonl")
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: training data {path} is missing: run `python data.py prepare` first")
-    if args.data.endswith(".jsonl") and not os.path.isfile(args.data):
-        raise SystemExit(f"error: training data {args.data} does not exist")
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """The door (see checks.py): every flag inside its domain, every path there, before any model or data loads."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    for flag in ("epochs", "batch_size", "micro_batch_size", "max_steps", "train_examples", "valid_examples",
+                 "valid_max_new_tokens", "max_prompt_len", "log_every"):
+        checks.at_least("--" + flag.replace("_", "-"), getattr(args, flag), 1)
+    checks.at_least("--save-every", args.save_every, 0)
+    micro = args.micro_batch_size or args.batch_size // world_size
+    if args.batch_size % (world_size * micro):
+        checks.fail(f"--batch-size {args.batch_size} must be a multiple of processes ({world_size}) x "
+                    f"--micro-batch-size ({micro})")
+    for flag in ("lr", "min_lr", "weight_decay"):
+        checks.finite("--" + flag.replace("_", "-"), getattr(args, flag), low=0)
+    if args.max_len <= args.max_prompt_len:
+        checks.fail(f"--max-len {args.max_len} must exceed --max-prompt-len {args.max_prompt_len}")
+    hparams = {k: getattr(args, k) for k in HPARAMS if getattr(args, k) is not None}
+    if args.mode == "kd":
+        checks.finite("--kd-ratio", args.kd_ratio, low=0, high=1)
+        try:
+            check_objective(args.loss, args.tau, **hparams)
+        except ValueError as e:
+            checks.fail(f"--loss {args.loss} --tau {args.tau:g}: {e}")
+    elif hparams:
+        checks.fail(f"--{next(iter(hparams))} is a KD hyper-parameter: --mode sft takes none")
+    to_make = {target: stage["student"] for stage, target in missing_prerequisites(args)}  # the toy's stages
+    for flag, name in (("--student", args.student), *((("--teacher", args.teacher),) if args.mode == "kd" else ())):
+        if not name:
+            checks.fail(f"{flag} is required")
+        name = to_make.get(name, name)  # a checkpoint this command makes first: check the size it is made with
+        if is_scratch(name):
+            if name.startswith("scratch:") and not re.fullmatch(r"scratch:[1-9]\d*x[1-9]\d*", name):
+                checks.fail(f"{flag} {name}: write a from-scratch size as scratch:<layers>x<width>, e.g. scratch:4x128")
+        else:
+            checks.checkpoint(flag, name)
+        positions = 512 if is_scratch(name) else checks.positions(name)
+        if positions and args.max_len > positions:
+            checks.fail(f"--max-len {args.max_len} exceeds {flag} {name}'s {positions} positions")
+        if positions and args.max_prompt_len + args.valid_max_new_tokens > positions:
+            checks.fail(f"--max-prompt-len + --valid-max-new-tokens exceed {flag} {name}'s {positions} positions")
+    checks.benchmark("--data", args.data, args.data_dir, split="train")
+    checks.benchmark("--valid-data", args.valid_data, args.data_dir, split="valid")
+    checks.benchmarks("--eval-benchmarks", args.eval_benchmarks, args.data_dir)
+    checks.seeds("--eval-seeds", args.eval_seeds)
+    checks.writable("--out", args.out)
+    if args.mode == "kd":
+        checks.same_vocabulary(load_tokenizer_for(to_make.get(args.teacher, args.teacher)),
+                               load_tokenizer_for(to_make.get(args.student, args.student)), args.teacher, args.student)
     if os.path.isfile(os.path.join(args.out, "last.pt")) and not args.resume:
         raise SystemExit(f"error: {args.out} holds another run's checkpoint (last.pt): pass --resume to continue it, "
                          "or choose another --out")
     if args.resume and not os.path.isfile(os.path.join(args.out, "last.pt")):
         raise SystemExit(f"error: --resume, but {args.out}/last.pt does not exist")
-    return args
 
 
 # ====================================================================================================================
@@ -183,18 +226,9 @@ def load_model(name, dtype, device, vocab_size=257):
     return GPT.from_pretrained(name, dtype=dtype, device=device)
 
 
+@functools.lru_cache  # the door compares the tokenizers, train() uses the student's: built once
 def load_tokenizer_for(name):
     return data.byte_tokenizer() if is_scratch(name) else data.load_tokenizer(name)
-
-
-def check_vocabularies(teacher_name, student_name):
-    """KD compares distributions token by token: both models must number the same tokens the same way."""
-    teacher, student = load_tokenizer_for(teacher_name), load_tokenizer_for(student_name)
-    probe = "Distillation at temperature 3.5: naïve café, 東京, <|endoftext|> ### Response:\n 12345"
-    if teacher.encode(probe) != student.encode(probe) or teacher.eos_id != student.eos_id:
-        raise SystemExit(f"error: teacher {teacher_name} and student {student_name} have incompatible vocabularies "
-                         "(different tokenizers): token-level KD needs a shared tokenizer")
-    return student
 
 
 def optimizer_for(model, lr, weight_decay):
@@ -265,7 +299,7 @@ def train_step(args, student, teacher, micro_batches, optimizer, lr, world_size,
                 loss, kd = ce, None
             else:
                 kd = distill_loss(args.loss, student_logits, teacher_logits, labels, tau=args.tau, tau_sq=args.tau_sq,
-                                  reduction="sum", **{k: getattr(args, k) for k in HPARAMS})
+                                  reduction="sum", **{k: getattr(args, k) for k in HPARAMS})  # None: default
                 if args.kd_ratio < 1:
                     ce = ce_loss(student_logits, labels, reduction="sum")
                     loss = (1 - args.kd_ratio) * ce + args.kd_ratio * kd
@@ -280,6 +314,9 @@ def train_step(args, student, teacher, micro_batches, optimizer, lr, world_size,
         group["lr"] = lr
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a sharded norm
+    if not torch.isfinite(grad_norm):  # every process sees the same (synchronised) norm, so all stop together
+        raise SystemExit(f"error: the loss or its gradient is not finite (gradient norm {float(grad_norm)}); the "
+                         "weights were not updated with it. Lower --lr, or check the data and the teacher")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     logged = torch.tensor([sums["ce"], sums["kd"]])
@@ -303,15 +340,7 @@ def train(args):
     teacher_dtype = getattr(torch, args.teacher_dtype) if args.teacher_dtype else dtype
     per_process = args.batch_size // world_size
     micro = args.micro_batch_size or per_process
-    if args.batch_size % (world_size * micro):
-        raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of processes ({world_size}) x "
-                         f"--micro-batch-size ({micro})")
-    if args.mode == "kd":
-        if not args.teacher:
-            raise SystemExit("error: --mode kd needs --teacher")
-        tokenizer = check_vocabularies(args.teacher, args.student)
-    else:
-        tokenizer = load_tokenizer_for(args.student)
+    tokenizer = load_tokenizer_for(args.student)  # the same as the teacher's (checked at the door)
 
     records = data.load_split(args.data, "train", args.data_dir)
     if len(records[: args.train_examples]) < args.batch_size:
@@ -355,6 +384,8 @@ def train(args):
 
     state = {"step": 0, "epoch": 0, "best_rouge": -1.0}
     out = Path(args.out)
+    if is_main:
+        clean_stale_files(out)
     if args.resume:
         state = load_checkpoint(out / "last.pt", args, raw_student, optimizer, student if args.fsdp else None)
     elif is_main:
@@ -362,40 +393,54 @@ def train(args):
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
     stop_at = min(total_steps, args.max_steps or total_steps)
     bar = tqdm(total=stop_at, initial=state["step"], disable=not is_main, desc=f"{args.mode} {out.name}")
-    log = open(out / "log.jsonl", "a" if args.resume else "w") if is_main else None
+    log = open_log(out / "log.jsonl", state["step"] if args.resume else None) if is_main else None
     ticks = time.time()
-    while state["step"] < stop_at:
-        epoch = state["epoch"]
-        order = epoch_order(len(train_set), epoch, args.seed, rank, world_size)
-        for step_in_epoch in range(state["step"] - epoch * steps_per_epoch, steps_per_epoch):
-            mine = order[step_in_epoch * per_process:(step_in_epoch + 1) * per_process]
-            micro_batches = [tuple(t.to(device) for t in data.collate_train([train_set[i] for i in mine[j:j + micro]],
-                                                                             tokenizer.pad_id))
-                             for j in range(0, per_process, micro)]
-            lr = cosine_lr(state["step"], total_steps, args.lr, args.min_lr)
-            stats = train_step(args, student, teacher, micro_batches, optimizer, lr, world_size, autocast)
-            state["step"] += 1
-            elapsed, ticks = time.time() - ticks, time.time()
-            stats["tokens_per_s"] = sum(int(m[1].sum()) for m in micro_batches) * world_size / max(elapsed, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}")
-            if is_main and (state["step"] % args.log_every == 0 or state["step"] == stop_at):
-                log.write(json.dumps({"step": state["step"], "epoch": epoch, **stats}) + "\n")
-                log.flush()
-            if state["step"] >= stop_at:
+    stop = StopOnSignal(world_size, device)  # SIGTERM / Ctrl-C: finish the step, write last.pt, exit
+    try:
+        while state["step"] < stop_at:
+            epoch = state["epoch"]
+            order = epoch_order(len(train_set), epoch, args.seed, rank, world_size)
+            for step_in_epoch in range(state["step"] - epoch * steps_per_epoch, steps_per_epoch):
+                mine = order[step_in_epoch * per_process:(step_in_epoch + 1) * per_process]
+                micro_batches = [tuple(t.to(device) for t in
+                                       data.collate_train([train_set[i] for i in mine[j:j + micro]], tokenizer.pad_id))
+                                 for j in range(0, per_process, micro)]
+                lr = cosine_lr(state["step"], total_steps, args.lr, args.min_lr)
+                stats = train_step(args, student, teacher, micro_batches, optimizer, lr, world_size, autocast)
+                state["step"] += 1
+                elapsed, ticks = time.time() - ticks, time.time()
+                stats["tokens_per_s"] = sum(int(m[1].sum()) for m in micro_batches) * world_size / max(elapsed, 1e-9)
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}")
+                if is_main and (state["step"] % args.log_every == 0 or state["step"] == stop_at):
+                    log.write(json.dumps({"step": state["step"], "epoch": epoch, **stats}) + "\n")
+                    log.flush()
+                if state["step"] >= stop_at or stop.check():
+                    break
+                if args.save_every and state["step"] % args.save_every == 0:
+                    save_checkpoint(out / "last.pt", args, state, raw_student, optimizer,
+                                    student if args.fsdp else None, is_main)
+            if stop.requested:  # an epoch that just ended is validated by the resumed run
+                save_checkpoint(out / "last.pt", args, state, raw_student, optimizer, student if args.fsdp else None,
+                                is_main)
                 break
-            if args.save_every and state["step"] % args.save_every == 0:
-                save_checkpoint(out / "last.pt", args, state, raw_student, optimizer, student if args.fsdp else None, is_main)
-        if state["step"] % steps_per_epoch == 0:  # an epoch ended: validate, keep the best, checkpoint
-            state["epoch"] = epoch + 1
-            validate_and_keep_best(args, raw_student, tokenizer, valid, valid_set, state, out, is_main, world_size,
-                                   log, student if args.fsdp else None)
-        save_checkpoint(out / "last.pt", args, state, raw_student, optimizer, student if args.fsdp else None, is_main)
+            if state["step"] % steps_per_epoch == 0:  # an epoch ended
+                state["epoch"] = epoch + 1
+            if state["step"] % steps_per_epoch == 0 or state["step"] == stop_at:  # and at --max-steps
+                validate_and_keep_best(args, raw_student, tokenizer, valid, valid_set, state, out, is_main,
+                                       world_size, log, student if args.fsdp else None)
+            save_checkpoint(out / "last.pt", args, state, raw_student, optimizer, student if args.fsdp else None,
+                            is_main)
+    finally:
+        stop.restore()
     bar.close()
     if is_main:
         log.close()
         plot_losses(out)
-        if state["step"] >= total_steps:  # sweep.sh skips runs that are finished
+    if stop.requested:
+        stop.exit(out, is_main)
+    if is_main:
+        if state["step"] >= total_steps and (out / "best" / "config.json").is_file():  # what sweep.sh skips
             (out / "finished.json").write_text(json.dumps({"step": state["step"], "best_rouge": state["best_rouge"]}))
         if args.eval_benchmarks and (out / "best").is_dir():
             run_final_evaluation(args, out, device)
@@ -423,9 +468,11 @@ def validate_and_keep_best(args, model, tokenizer, valid, valid_set, state, out,
         val_loss = sum(s for s, _ in sums) / max(sum(n for _, n in sums), 1)
         improved = rouge > state["best_rouge"]
         if improved:
+            if not all(bool(p.isfinite().all()) for p in model.parameters()):
+                raise SystemExit(f"error: step {state['step']}: the model's weights are not finite; best/ keeps the "
+                                 "last finite one (lower --lr?)")
             state["best_rouge"] = rouge
-            model.save_pretrained(str(out / "best"))
-            tokenizer.save_pretrained(str(out / "best"))
+            data.atomic_dir(str(out / "best"), lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
         log.write(json.dumps({"epoch": state["epoch"], "step": state["step"], "val_rouge": rouge, "val_loss": val_loss,
                               "best": improved}) + "\n")
         log.flush()
@@ -435,6 +482,72 @@ def validate_and_keep_best(args, model, tokenizer, valid, valid_set, state, out,
         best = torch.tensor([state["best_rouge"]])
         dist.broadcast(best, 0)
         state["best_rouge"] = float(best)
+
+
+# ====================================================================================================================
+# Preemption, and what a killed run leaves behind
+
+
+class StopOnSignal:
+    """SIGTERM (how clusters preempt a job) or SIGINT (Ctrl-C): finish the current optimizer step, write last.pt,
+    say how to resume, exit non-zero. A second signal stops at once. Under torchrun the processes agree each step
+    (any one signalled stops them all), so they write the same last.pt."""
+
+    def __init__(self, world_size, device):
+        self.world_size, self.device, self.signum, self.requested = world_size, device, None, False
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, then writing last.pt")
+
+    def check(self):
+        flag = torch.tensor([float(self.signum is not None)], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.requested = bool(flag.item())
+        return self.requested
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def exit(self, out, is_main):
+        """Leave with 128 + the signal's number (143 for SIGTERM, 130 for Ctrl-C), as a killed process would."""
+        if is_main:
+            command = RESUME_COMMAND or f"the same command with --resume (run directory {out})"
+            print(f"{signal.Signals(self.signum or signal.SIGTERM).name}: stopped; {out}/last.pt holds every "
+                  f"finished step. Resume with:\n  {command}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + (self.signum or signal.SIGTERM))
+
+
+RESUME_COMMAND = None  # set by main(): the command line that continues this run
+
+
+def clean_stale_files(out):
+    """A run killed while writing leaves last.pt.tmp<pid> / best.tmp<pid> behind (atomic_write, atomic_dir), or,
+    between two renames, best.old<pid> without best/: put that back, remove the rest."""
+    if not out.is_dir():
+        return
+    for path in out.iterdir():
+        if ".tmp" in path.name or ".old" in path.name:
+            if path.name.startswith("best.old") and not (out / "best").exists():
+                path.rename(out / "best")
+            elif path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def open_log(path, resumed_at):
+    """log.jsonl, fresh, or on resume without the lines of steps after last.pt (a killed run logged them; the
+    resumed run logs them again)."""
+    if resumed_at is not None and path.is_file():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resumed_at]
+        path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a")
 
 
 # ====================================================================================================================
@@ -451,7 +564,7 @@ def save_checkpoint(path, args, state, model, optimizer, fsdp_model, is_main):
     checkpoint = {"model": model_state, "optimizer": optim_state, "state": dict(state), "args": vars(args),
                   "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    atomic_write(str(path), lambda tmp: torch.save(checkpoint, tmp))
+    data.atomic_write(str(path), lambda tmp: torch.save(checkpoint, tmp))
 
 
 RESUME_MUST_MATCH = ("mode", "loss", "tau", "kd_ratio", "tau_sq", *HPARAMS, "teacher", "student", "data", "responses",
@@ -460,7 +573,11 @@ RESUME_MUST_MATCH = ("mode", "loss", "tau", "kd_ratio", "tau_sq", *HPARAMS, "tea
 
 
 def load_checkpoint(path, args, model, optimizer, fsdp_model=None):
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, or not a checkpoint at all
+        raise SystemExit(f"error: {path} is not a readable checkpoint (truncated or corrupt?): delete it and start "
+                         f"again, or restore it ({' '.join(str(e).split())[:200]})")
     changed = [k for k in RESUME_MUST_MATCH if checkpoint["args"].get(k) != getattr(args, k)]
     if changed:
         raise SystemExit(f"error: --resume with different settings than {path} was written with: "
@@ -569,11 +686,16 @@ def missing_prerequisites(args):
     if args.mode != "kd" or "teacher_sft" not in preset:
         return []
     pairs = [(preset["teacher_sft"], args.teacher, preset["teacher"]), (preset["student_sft"], args.student, preset["student"])]
-    return [(settings, target) for settings, target, default in pairs if target == default and not os.path.isdir(target)]
+    # done = finished.json: an interrupted stage may already hold a best/ of an earlier epoch
+    return [(settings, target) for settings, target, default in pairs
+            if target == default and not os.path.isfile(os.path.join(os.path.dirname(target), "finished.json"))]
 
 
-def run_preset_prerequisites(args):
-    """Make the toy teacher (SFT from scratch) and the student's warm start (a short SFT) if they do not exist."""
+def run_preset_prerequisites(args, argv):
+    """Make the toy teacher (SFT from scratch) and the student's warm start (a short SFT) if they do not exist.
+    An interrupted stage is resumed by running the same command again."""
+    global RESUME_COMMAND
+    RESUME_COMMAND = shlex.join(["python", "train.py", *argv])
     for settings, target in missing_prerequisites(args):
         run_dir = os.path.dirname(target)
         overrides = ["--mode", "sft", "--preset", args.preset, "--out", run_dir, "--seed", str(args.seed),
@@ -587,17 +709,22 @@ def run_preset_prerequisites(args):
 
 
 def main(argv=None):
+    global RESUME_COMMAND
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        run_preset_prerequisites(args)
+        run_preset_prerequisites(args, argv)
+        RESUME_COMMAND = shlex.join(["python", "train.py", *argv, *([] if args.resume else ["--resume"])])
     elif missing_prerequisites(args):
         raise SystemExit("error: run `python train.py --preset toy` once in a single process to make the toy "
                          "teacher and student before using torchrun")
+    else:
+        RESUME_COMMAND = "the same torchrun command with --resume"
     train(args)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    checks.run_cli(main)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available():
         # A torchrun worker on gloo (CPU) leaves without interpreter teardown. A collective issued during backward
         # holds a Python object (autograd's contextvars snapshot) and is freed by one of gloo's C++ threads, which

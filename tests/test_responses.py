@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import data
-import evaluate
 import responses
 import train
 from test_evaluate import tiny_toy_model
@@ -48,10 +47,10 @@ def test_made_once_reused_equal_to_a_fresh_generation_resumed_and_extended(tmp_p
         "teacher_fingerprint"]
 
     # a second run reads the file: no sampling at all
-    def no_sampling(*a, **k):
+    def no_generation(*a, **k):
         raise AssertionError("the cached responses were generated again")
     with monkeypatch.context() as m:
-        m.setattr(evaluate, "sample", no_sampling)
+        m.setattr(responses, "answer_chunk", no_generation)
         train.main([*common, "--out", str(tmp_path / "second")])
     assert cache.read_bytes() == made
     # training read the teacher's responses: a run on a jsonl of those records ends with the same weights
@@ -147,7 +146,8 @@ def test_a_hub_teacher_is_fingerprinted_by_its_downloaded_files(tmp_path):
     from hubserver import StandInHub
     tiny_toy_model(tmp_path / "teacher")
     with StandInHub({("model", "tiny/teacher"): str(tmp_path / "teacher")}) as hub:
-        code = "import sys; sys.path.insert(0, %r); import responses; print(responses.fingerprint('tiny/teacher'))" % ROOT
+        code = ("import sys; sys.path.insert(0, %r); import responses; print(responses.fingerprint('tiny/teacher'))"
+                % ROOT)
         env = dict(os.environ, HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf"))
         result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -120,7 +120,7 @@ def test_errors_before_any_work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="unknown loss 'kl'"):
         train.parse_args(["--preset", "toy", "--loss", "kl"])
-    with pytest.raises(SystemExit, match="--tau must be > 0"):
+    with pytest.raises(SystemExit, match="tau must be a finite number > 0"):
         train.parse_args(["--preset", "toy", "--tau", "0"])
     with pytest.raises(SystemExit, match=r"data/dolly/train.jsonl is missing: run `python data.py prepare`"):
         train.parse_args(["--loss", "fkl", "--tau", "3"])
@@ -134,7 +134,11 @@ def test_errors_before_any_work(tmp_path, monkeypatch):
     # a teacher with another tokenizer
     other = tmp_path / "other-teacher"
     from test_data import write_bpe
-    write_bpe(other)
+    from test_evaluate import tiny_toy_model
+    tiny_toy_model(other)
+    write_bpe(tmp_path / "bpe")
+    for f in ("vocab.json", "merges.txt"):
+        (other / f).write_bytes((tmp_path / "bpe" / f).read_bytes())
     with pytest.raises(SystemExit, match="incompatible vocabularies"):
         train.train(train.parse_args(["--preset", "toy", "--teacher", str(other), "--student", "toy-tiny",
                                       "--out", str(tmp_path / "y")]))
@@ -160,6 +164,7 @@ def test_sweep_dry_run_prints_the_grid_and_skips_finished_runs(tmp_path):
     (finished / "best/eval").mkdir(parents=True)
     (finished / "finished.json").write_text("{}")
     (finished / "best/eval/results.json").write_text("{}")
+    (finished / "best/config.json").write_text("{}")  # a whole run: sweep.sh skips it
     # cwd: the preset's teacher and student paths are relative, and a real sweep may have made them in ROOT
     result = subprocess.run(["bash", os.path.join(ROOT, "sweep.sh")], env=env, capture_output=True, text=True,
                             timeout=120, cwd=tmp_path)

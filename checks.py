@@ -1,0 +1,125 @@
+"""The door: each command line (train.py, evaluate.py, responses.py, analysis.py, data.py) is checked here, once,
+right after argparse and before any model or dataset loads. Bad input stops with one line that names the flag or
+file, never a traceback and never a run that trains on nonsense and exits 0.
+
+What only reading a file can show (a truncated weights file, a corrupt last.pt, a bad jsonl line) is raised where
+the file is read, as ValueError / FileNotFoundError with the file named; `run_cli` turns those into the same one
+line (set TEMPKD_TRACEBACK=1 to see the traceback instead).
+"""
+import json
+import math
+import os
+import sys
+
+import data
+from model import looks_local, weight_files
+
+
+def fail(message):
+    raise SystemExit(f"error: {message}")
+
+
+def run_cli(main):
+    """Run a command line's main(): our errors about inputs end in one line and exit status 2."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("TEMPKD_TRACEBACK"):
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+def at_least(flag, value, low):
+    """An integer flag (None = unset) that must be >= low."""
+    if value is not None and not value >= low:
+        fail(f"{flag} must be >= {low}, got {value}")
+
+
+def finite(flag, value, low=None, high=None):
+    """A float flag that must be a finite number in [low, high]."""
+    if value is None:
+        return
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}" if low is not None else "finite"
+        fail(f"{flag} must be a finite number {bounds}, got {value}")
+
+
+def seeds(flag, text):
+    """"10,20,30" -> [10, 20, 30]: integers, each once."""
+    try:
+        values = [int(s) for s in str(text).split(",")]
+    except ValueError:
+        fail(f"{flag} must be comma-separated integers, got {text!r}")
+    if len(set(values)) != len(values):
+        fail(f"{flag} repeats a seed: {text!r}")
+    return values
+
+
+def benchmark(flag, name, data_dir, split=None):
+    """A known benchmark name (downloaded when `split` is given), or an existing jsonl file."""
+    if name.endswith(".jsonl"):
+        if not os.path.isfile(name):
+            fail(f"{flag} {name}: no such file")
+        return
+    known = [*data.BENCHMARKS, "toy", "toy-hard"]
+    if name not in known:
+        fail(f"{flag}: unknown benchmark {name!r}: choose from {', '.join(known)}, or give a .jsonl file")
+    path = os.path.join(data_dir, name, f"{split}.jsonl")
+    if split and not name.startswith("toy") and not os.path.isfile(path):
+        fail(f"{flag} {name}: {path} is missing: run `python data.py prepare` first")
+
+
+def benchmarks(flag, text, data_dir, split="test"):
+    names = [b for b in str(text).split(",") if b]
+    for name in names:
+        benchmark(flag, name, data_dir, split)
+    return names
+
+
+def checkpoint(flag, name):
+    """A checkpoint directory that exists and holds a readable config.json and weights, or a hub id (checked when
+    it is downloaded). A path that looks local but does not exist is not sent to the hub."""
+    if os.path.isdir(name):
+        config = os.path.join(name, "config.json")
+        try:
+            json.loads(open(config, encoding="utf-8").read())
+        except FileNotFoundError:
+            fail(f"{flag} {name}: no config.json in that directory")
+        except (ValueError, UnicodeDecodeError) as e:
+            fail(f"{flag} {name}: config.json is not valid JSON ({e})")
+        try:
+            weight_files(os.listdir(name), name)
+        except FileNotFoundError as e:
+            fail(f"{flag} {e}")
+    elif looks_local(name):
+        fail(f"{flag} {name}: no such directory")
+
+
+def positions(name):
+    """How many positions a local checkpoint's config.json allows (None: not known before it is loaded)."""
+    config = os.path.join(name, "config.json")
+    if not os.path.isfile(config):
+        return None
+    hf = json.loads(open(config, encoding="utf-8").read())
+    return hf.get("n_positions") or hf.get("max_position_embeddings")
+
+
+def writable(flag, path):
+    """A directory we can create or write into (its nearest existing ancestor is writable)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+        fail(f"{flag} {path}: cannot write there ({probe} is not a writable directory)")
+
+
+def same_vocabulary(teacher_tokenizer, student_tokenizer, teacher_name, student_name):
+    """Token-level KD compares distributions id by id: every id must stand for the same bytes in both tokenizers,
+    and EOS must be the same id."""
+    theirs, ours = teacher_tokenizer.id_to_bytes(), student_tokenizer.id_to_bytes()
+    if theirs != ours or teacher_tokenizer.eos_id != student_tokenizer.eos_id:
+        differ = sorted(i for i in set(theirs) | set(ours) if theirs.get(i) != ours.get(i))
+        where = f"ids {differ[:3]}{'...' if len(differ) > 3 else ''} differ" if differ else "EOS ids differ"
+        fail(f"teacher {teacher_name} and student {student_name} have incompatible vocabularies ({where}): "
+             "token-level KD needs one shared tokenizer")
