@@ -16,6 +16,8 @@ import json
 import math
 import os
 
+# Deterministic CPU runs (see train.py)
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 import torch
 
 import checks

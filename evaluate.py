@@ -14,6 +14,8 @@ import os
 import statistics
 from pathlib import Path
 
+# Deterministic CPU runs (see train.py)
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 import torch
 from tqdm import tqdm
 

@@ -24,6 +24,8 @@ import math
 import os
 from pathlib import Path
 
+# Deterministic CPU runs (see train.py)
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 import torch.distributed as dist
 from tqdm import tqdm
 

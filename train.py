@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+# Deterministic CPU runs: MKL otherwise picks its number of threads from the machine's momentary load,
+# so sums run in another order and a run's last digits change with what else the machine does.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 import torch
 import torch.distributed as dist
 from tqdm import tqdm

@@ -3,6 +3,8 @@ import os
 import sys
 
 import pytest
+# Deterministic CPU runs (see train.py)
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
