@@ -2,7 +2,7 @@
 
 Every example, whatever its source, is one jsonl record in one schema:
     {"instruction": str, "input": str, "output": [reference, ...], "prompt": str}
-`prompt` is the Alpaca-style template of SPEC.md section 3; training uses output[0] as the response.
+`prompt` is the Alpaca-style template of METHOD.md section 4; training uses output[0] as the response.
 
     python data.py prepare [--benchmarks dolly,self-inst,vicuna,sinst,uinst,toy] [--force]
 
@@ -46,7 +46,7 @@ class Tokenizer:
     """encode(text) -> ids, decode(ids) -> text, eos_id, pad_id, vocab_size.
 
     tiktoken returns BPE *ranks*; GPT-2's ids are those ranks, OPT numbers the same tokens differently, so an
-    optional table maps ranks to model ids and back. No BOS is added (SPEC.md section 3)."""
+    optional table maps ranks to model ids and back. No BOS is added (METHOD.md section 4)."""
 
     def __init__(self, encoding, eos_id, vocab_size, rank_to_id=None, source=None):
         self.encoding, self.eos_id, self.pad_id, self.vocab_size = encoding, eos_id, eos_id, vocab_size
@@ -232,7 +232,7 @@ def normalize(record, where="record"):
 
 
 # ====================================================================================================================
-# The five benchmarks, as prepared by MiniLLM (SPEC.md section 3)
+# The five benchmarks, as prepared by MiniLLM (METHOD.md section 4)
 
 # name -> (hub dataset repo, {our split: file in the repo}, how many examples to keep)
 BENCHMARKS = {
@@ -311,7 +311,7 @@ def load_split(benchmark, split, data_dir=DATA_DIR):
 
 
 # ====================================================================================================================
-# The offline toy benchmark (SPEC.md section 5): a small procedurally generated world, deterministic by seed
+# The offline toy benchmark (METHOD.md section 5): a small procedurally generated world, deterministic by seed
 
 TOY_SPLITS = {"train": 20_000, "valid": 200, "test": 500, "test-hard": 500}
 TOY_SEEDS = {"train": 1, "valid": 2, "test": 3, "test-hard": 4}

@@ -1,4 +1,4 @@
-"""Evaluation: sampled responses, ROUGE-L against the references, mean +- std over seeds (SPEC.md section 3).
+"""Evaluation: sampled responses, ROUGE-L against the references, mean +- std over seeds (METHOD.md section 4).
 
     python evaluate.py --model runs/toy/fkl-tau3/best --benchmarks toy,toy-hard --seeds 10,20,30,40,50
     python evaluate.py --model runs/gpt2/fkl-tau3/best --benchmarks dolly,self-inst,vicuna,sinst,uinst

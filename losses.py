@@ -108,7 +108,7 @@ def ab(log_p, log_q, target=None, alpha=0.2, beta=0.7):
         a = 0:      1/b^2 sum [ q^b log(q^b/p^b) - q^b + p^b ]      (a=0, b=1: RKL)
         b = 0:      1/a^2 sum [ p^a log(p^a/q^a) - p^a + q^a ]      (a=1, b=0: FKL)
         a + b = 0:  1/a^2 sum [ log(q^a/p^a) + p^a/q^a - 1 ]
-    (SPEC.md writes 1/b, 1/a for these; only the squares make the general formula continuous at the limits.)"""
+    (Written with 1/b, 1/a these would not be continuous; only the squares are the limits of the general formula.)"""
     a, b = alpha, beta
     if a == 0 and b == 0:
         return 0.5 * ((log_q - log_p) ** 2).sum(-1)

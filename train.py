@@ -48,7 +48,7 @@ PRESETS = {
                  batch_size=32, out="runs/gpt2"),
     "opt": dict(teacher="runs/opt/teacher/best", student="facebook/opt-1.3b", data="dolly", lr=5e-5, epochs=20,
                 batch_size=32, out="runs/opt"),
-    # Toy: a from-scratch teacher made by SFT, and a student warm-started by a short SFT (SPEC.md section 5:
+    # Toy: a from-scratch teacher made by SFT, and a student warm-started by a short SFT (METHOD.md section 5:
     # RKL from random weights is an optimisation failure, not the paper's regime of pretrained students).
     # Sized for 2 CPU cores so that the whole grid (58 runs x 3 seeds) fits in 2 hours: teacher SFT ~4 min,
     # warm start ~1 min (both made once), then ~35 s per run: 150 distillation steps of 8 sequences, validation,
@@ -74,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--loss", help=f"KD objective: {', '.join(LOSSES)}")
     p.add_argument("--tau", type=float, help="KD temperature, applied to teacher and student logits")
     for name in HPARAMS:
-        p.add_argument(f"--{name}", type=float, help=f"objective hyper-parameter {name} (default: its SPEC value)")
+        p.add_argument(f"--{name}", type=float, help=f"objective hyper-parameter {name} (default: the objective's, METHOD.md section 3)")
     p.add_argument("--kd-ratio", type=float, help="loss = (1 - r) CE + r KD (default 1: pure distillation)")
     p.add_argument("--tau-sq", action="store_true", help="multiply the KD loss by tau^2 (Hinton); off in the paper")
     p.add_argument("--teacher", help="hub id or checkpoint directory")
@@ -245,7 +245,7 @@ def optimizer_for(model, lr, weight_decay):
 
 
 def cosine_lr(step, total_steps, lr, min_lr):
-    """Cosine decay from lr to min_lr over the run, no warm-up (SPEC.md section 3)."""
+    """Cosine decay from lr to min_lr over the run, no warm-up (METHOD.md section 4)."""
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
 
 
@@ -654,6 +654,7 @@ def plot_losses(out):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print(f"{out}/loss.png not written: matplotlib is not installed (pip install matplotlib)")
         return
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]

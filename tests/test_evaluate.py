@@ -100,7 +100,7 @@ def test_protocol_ngram_block_is_six_bpe_tokens():
 
 
 def test_several_models_with_a_second_decoding_setting_and_its_summary(tmp_path):
-    """Greedy decoding (SPEC.md section 5 asks for it next to sampling) of two runs into best/eval-greedy/,
+    """Greedy decoding (METHOD.md section 5: reported next to sampling) of two runs into best/eval-greedy/,
     summarized on its own; greedy output cannot depend on the sampling seed."""
     runs = tmp_path / "runs"
     for name, loss in (("fkl-tau1", "fkl"), ("rkl-tau1", "rkl")):
