@@ -1,18 +1,17 @@
-"""Every distillation objective of the study, with the KD temperature tau.
+"""Every distillation objective of the study, with the KD temperature tau (METHOD.md sections 1-3).
 
-Where tau enters - the whole point of the paper - is one line, in `distill_loss`: both logit vectors are divided
-by tau before the log-softmax,
+Read `distill_loss` first: it is the whole method in five lines. Both logit vectors are divided by tau before the
+log-softmax - the one place where tau enters -
 
     p = softmax(z_teacher / tau)        q = softmax(z_student / tau)
 
-and every objective below is a plain function of the two log-probability matrices `log_p`, `log_q` (N, V), one
-row per response token, returning one value per token (N,). `target` (N,) holds each row's ground-truth next
+then the objective compares them at every response position, and the values are averaged over the response
+tokens. Every objective below is a plain function of the two log-probability matrices `log_p`, `log_q` (N, V),
+one row per response token, returning one value per token (N,). `target` (N,) holds each row's ground-truth next
 token; only DRKL and CE use it. Values are the true divergences (>= 0, 0 when p = q).
 
-Memory: `distill_loss` never builds the full autograd graph over (B, T, V). It walks the response positions in
-chunks, computes each chunk's value *and* its gradient right away, and keeps only the gradient (one logits-sized
-buffer). So the objectives can be written as naive math while the whole loss needs about one extra copy of the
-logits (`bench/bench_losses.py` measures it).
+At the bottom, `distill_loss_chunked` computes the same value and gradient with about one extra copy of the
+logits instead of several (a memory optimisation; train.py uses it, bench/bench_losses.py measures it).
 """
 import math
 
@@ -20,6 +19,29 @@ import torch
 import torch.nn.functional as F
 
 LOG_ZERO = -1e30  # stands for log 0 (a -inf logit): keeps 0 * log 0 = 0 in values and gradients instead of NaN
+
+
+def distill_loss(name, student_logits, teacher_logits, labels, tau=1.0, tau_sq=False, reduction="mean", **hparams):
+    """The KD loss `name` between (B, T, V) logits of any float dtype, at temperature tau, in plain form.
+
+    labels (B, T): the next token at response positions, -100 elsewhere (prompt, padding). The value is the token
+    mean over the response positions of the whole batch (reduction="sum": the sum, for callers that normalise over
+    several micro-batches). hparams: the objective's own (None = its default). tau_sq multiplies by tau^2
+    (Hinton's convention; off by default, as in the paper)."""
+    hparams = check_inputs(name, student_logits, teacher_logits, labels, tau, reduction, hparams)
+    response = labels != -100                                    # (B, T): the positions that count
+    log_p = log_probs(teacher_logits.detach()[response], tau)    # (N, V) teacher at temperature tau
+    log_q = log_probs(student_logits[response], tau)             # (N, V) student at temperature tau
+    per_token = LOSSES[name](log_p, log_q, labels[response], **hparams)  # (N,)
+    loss = per_token.sum() / response.sum().clamp(min=1) if reduction == "mean" else per_token.sum()
+    return loss * tau**2 if tau_sq else loss
+
+
+def log_probs(logits, tau):
+    """(n, V) logits of any float dtype -> float32 log-probabilities at temperature tau. A -inf logit (a masked
+    vocabulary entry) gets probability 0 and a finite log, so 0 * log 0 = 0 in values and gradients, never NaN."""
+    out = F.log_softmax(logits.float() / tau, dim=-1)
+    return out.masked_fill(torch.isneginf(out), LOG_ZERO)
 
 
 def hyperparameters(**domains):
@@ -181,50 +203,59 @@ def _inside(value, interval):
     return math.isfinite(value) and above and below
 
 
-def distill_loss(name, student_logits, teacher_logits, labels, tau=1.0, tau_sq=False, reduction="mean",
-                 chunk_size=None, **hparams):
-    """The KD loss `name` between (B, T, V) logits of any float dtype, at temperature tau.
-
-    labels (B, T): the next token at response positions, -100 elsewhere (prompt, padding). The value is the token
-    mean over every non-ignored position of the batch (reduction="sum" gives the sum, for callers that normalise
-    over several micro-batches). hparams: the objective's own (None = its default), see check_objective.
-    tau_sq multiplies by tau^2 (Hinton's convention; off by default, as in the paper).
-    """
+def check_inputs(name, student_logits, teacher_logits, labels, tau, reduction, hparams):
+    """distill_loss's contract: the objective (check_objective), matching shapes, labels inside the vocabulary.
+    Returns the hyper-parameters that were set (None = the objective's default)."""
     hparams = {k: v for k, v in hparams.items() if v is not None}
     check_objective(name, tau, **hparams)
     if teacher_logits is None or teacher_logits.shape != student_logits.shape:
         got = None if teacher_logits is None else tuple(teacher_logits.shape)
         vocab = "" if got is None or got[-1] == student_logits.shape[-1] else " (teacher/student vocabulary mismatch)"
         raise ValueError(f"teacher logits {got} must match student logits {tuple(student_logits.shape)}{vocab}")
+    _check_labels(student_logits, labels, reduction)
+    return hparams
+
+
+def _check_labels(logits, labels, reduction):
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must match the logits' (B, T) {tuple(logits.shape[:-1])}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    targets = labels[labels != -100]
+    if len(targets) and (targets.min() < 0 or targets.max() >= logits.shape[-1]):
+        raise ValueError(f"labels hold token ids outside the vocabulary [0, {logits.shape[-1]}) (other than -100 "
+                         "= ignore)")
+
+
+# ====================================================================================================================
+# Memory optimisation: the same loss in chunks (what train.py uses)
+#
+# The plain form above keeps several (N, V) float32 tensors alive for autograd (log_p, log_q, the objective's
+# intermediates): for GPT-2's 50,257-token vocabulary that is several times the logits. distill_loss_chunked walks
+# the response positions in chunks of ~8 MB, computes each chunk's value *and* its gradient at once, and keeps
+# only the gradient, in one logits-sized float32 buffer that backward hands to autograd without a copy. Same value,
+# same gradient (tests/test_losses.py), about one extra copy of the logits (bench/bench_losses.py).
+
+
+def distill_loss_chunked(name, student_logits, teacher_logits, labels, tau=1.0, tau_sq=False, reduction="mean",
+                         chunk_size=None, **hparams):
+    """distill_loss, computed chunk by chunk (same arguments; chunk_size rows per chunk, default ~8 MB)."""
+    hparams = check_inputs(name, student_logits, teacher_logits, labels, tau, reduction, hparams)
     per_token = lambda log_p, log_q, target: LOSSES[name](log_p, log_q, target, **hparams)
     loss = _token_loss(per_token, student_logits, teacher_logits, labels, tau, reduction, chunk_size)
     return loss * tau**2 if tau_sq else loss
 
 
 def ce_loss(student_logits, labels, reduction="mean", chunk_size=None):
-    """Next-token cross-entropy over the non-ignored positions, token mean (same reduction as distill_loss)."""
+    """Next-token cross-entropy over the response positions, token mean (same reduction as distill_loss),
+    computed in chunks like distill_loss_chunked."""
+    _check_labels(student_logits, labels, reduction)
     return _token_loss(ce, student_logits, None, labels, 1.0, reduction, chunk_size)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# The engine: select the response positions, walk them in chunks, keep only the gradient
-
-
-def _log_probs(logits, tau):  # (n, V) any float dtype -> float32 log-probabilities at temperature tau
-    log_probs = F.log_softmax(logits.float() / tau, dim=-1)
-    return log_probs.masked_fill(torch.isneginf(log_probs), LOG_ZERO)  # -inf logits: probability 0, finite log
-
-
 def _token_loss(per_token, student_logits, teacher_logits, labels, tau, reduction, chunk_size):
-    if labels.shape != student_logits.shape[:-1]:
-        raise ValueError(f"labels {tuple(labels.shape)} must match the logits' (B, T) {tuple(student_logits.shape[:-1])}")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     V = student_logits.shape[-1]
     rows = (labels.reshape(-1) != -100).nonzero()[:, 0]  # the response positions, (N,)
-    targets = labels.reshape(-1)[rows]
-    if len(rows) and (targets.min() < 0 or targets.max() >= V):
-        raise ValueError(f"labels hold token ids outside the vocabulary [0, {V}) (other than -100 = ignore)")
     chunk_size = chunk_size or max(1, 2**21 // V)  # ~8 MB of float32 per (chunk, V) temporary
     teacher = None if teacher_logits is None else teacher_logits.detach().reshape(-1, V)
     total = _ChunkedSum.apply(student_logits, teacher, labels.reshape(-1), rows, per_token, tau, chunk_size)
@@ -245,8 +276,8 @@ class _ChunkedSum(torch.autograd.Function):
             idx = rows[start:start + chunk_size]
             s = student[idx].float().requires_grad_(want_grad)  # (n, V): a float32 copy of this chunk only
             with torch.enable_grad():
-                log_p = None if teacher is None else _log_probs(teacher[idx], tau)
-                value = per_token(log_p, _log_probs(s, tau), targets[idx]).sum()
+                log_p = None if teacher is None else log_probs(teacher[idx], tau)
+                value = per_token(log_p, log_probs(s, tau), targets[idx]).sum()
             if want_grad:
                 grad[idx] = torch.autograd.grad(value, s)[0]
             total += value.detach()
@@ -257,7 +288,7 @@ class _ChunkedSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.grad is None:  # the buffer was handed out by a first backward pass
-            raise RuntimeError("backward through distill_loss/ce_loss twice is not supported")
+            raise RuntimeError("backward through distill_loss_chunked/ce_loss twice is not supported")
         grad, ctx.grad = ctx.grad, None
         grad = grad.mul_(grad_output).view(ctx.shape)  # in place: no second logits-sized copy
         if ctx.dtype != torch.float32:  # saturate rather than overflow: fp16 cannot hold |g| > 65504

@@ -6,7 +6,7 @@
     python train.py --mode sft --student gpt2-xl --lr 5e-5 --epochs 10 --out runs/gpt2/teacher
 
 One optimizer step, top to bottom, is `train_step` below: teacher forward (frozen, no grad), student forward,
-loss = (1 - kd_ratio) * CE + kd_ratio * distill_loss(...), backward over micro-batches, clip, AdamW, cosine lr.
+loss = (1 - kd_ratio) * CE + kd_ratio * KD (losses.py: distill_loss), backward over micro-batches, clip, AdamW, cosine lr.
 """
 import argparse
 import contextlib
@@ -34,7 +34,7 @@ import checks
 import data
 import evaluate
 import responses
-from losses import HPARAMS, LOSSES, ce_loss, check_objective, distill_loss
+from losses import HPARAMS, LOSSES, ce_loss, check_objective, distill_loss_chunked
 from model import GPT, GPTConfig
 
 # From-scratch model sizes for the toy benchmark (byte vocabulary, 512 positions); "scratch:<layers>x<width>"
@@ -301,8 +301,9 @@ def train_step(args, student, teacher, micro_batches, optimizer, lr, world_size,
                 ce = ce_loss(student_logits, labels, reduction="sum")
                 loss, kd = ce, None
             else:
-                kd = distill_loss(args.loss, student_logits, teacher_logits, labels, tau=args.tau, tau_sq=args.tau_sq,
-                                  reduction="sum", **{k: getattr(args, k) for k in HPARAMS})  # None: default
+                kd = distill_loss_chunked(args.loss, student_logits, teacher_logits, labels, tau=args.tau,
+                                          tau_sq=args.tau_sq, reduction="sum",
+                                          **{k: getattr(args, k) for k in HPARAMS})  # None: the default
                 if args.kd_ratio < 1:
                     ce = ce_loss(student_logits, labels, reduction="sum")
                     loss = (1 - args.kd_ratio) * ce + args.kd_ratio * kd

@@ -5,8 +5,9 @@
 
 For each objective, in a fresh process (peak RSS is per process): the extra peak memory of loss + backward,
 divided by the size of one float32 logits tensor (goal <= 2x), and the time of ours / naive.
-"naive" = the same per-token formula on the whole (B*T, V) batch under plain autograd: every intermediate of
-every position stays alive until backward, as in a straightforward implementation.
+"ours" = losses.distill_loss_chunked (what train.py uses); "naive" = losses.distill_loss, the plain form: the same
+per-token formula on the whole (B*T, V) batch under plain autograd, where every intermediate of every position
+stays alive until backward.
 """
 import argparse
 import json
@@ -27,14 +28,6 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def naive_loss(name, student_logits, teacher_logits, labels, tau):
-    rows = labels.reshape(-1) != -100
-    V = student_logits.shape[-1]
-    log_q = torch.log_softmax(student_logits.reshape(-1, V)[rows] / tau, -1)
-    log_p = torch.log_softmax(teacher_logits.reshape(-1, V)[rows] / tau, -1)
-    return losses.LOSSES[name](log_p, log_q, labels.reshape(-1)[rows]).mean()
-
-
 def measure_one(name, impl, B, T, V):
     """Runs in a child process: prints {"extra": bytes, "seconds": s}."""
     torch.manual_seed(0)
@@ -44,10 +37,8 @@ def measure_one(name, impl, B, T, V):
     labels[:, : T // 8] = -100  # a prompt
     before = rss_bytes()
     start = time.perf_counter()
-    if impl == "ours":
-        loss = losses.distill_loss(name, student, teacher, labels, tau=2.0)
-    else:
-        loss = naive_loss(name, student, teacher, labels, tau=2.0)
+    loss_fn = losses.distill_loss_chunked if impl == "ours" else losses.distill_loss
+    loss = loss_fn(name, student, teacher, labels, tau=2.0)
     loss.backward()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -199,14 +199,14 @@ def test_a_signal_finishes_the_step_writes_last_pt_and_the_resumed_run_equals_a_
 
 
 def test_a_non_finite_loss_stops_the_run_and_leaves_no_best_and_no_finished(world, tmp_path, monkeypatch):
-    real = train.distill_loss
+    real = train.distill_loss_chunked
     calls = []
 
     def nan_at_step_3(*args, **kwargs):
         calls.append(1)
         value = real(*args, **kwargs)
         return value * float("nan") if len(calls) == 3 else value
-    monkeypatch.setattr(train, "distill_loss", nan_at_step_3)
+    monkeypatch.setattr(train, "distill_loss_chunked", nan_at_step_3)
     with pytest.raises(SystemExit, match="the loss or its gradient is not finite"):
         train.main([*KD, "--teacher", str(world / "teacher"), "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run/best").exists() and not (tmp_path / "run/finished.json").exists()

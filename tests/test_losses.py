@@ -7,10 +7,12 @@ import torch
 
 import losses
 from conftest import assert_float32_close
-from losses import LOSSES, ce_loss, distill_loss
+from losses import LOSSES, ce_loss, distill_loss, distill_loss_chunked
 
 torch.set_default_dtype(torch.float32)
 NAMES = list(LOSSES)
+# the plain form (what a reader meets first) and the chunked engine (what train.py uses) must both pass
+IMPLEMENTATIONS = pytest.mark.parametrize("distill", [distill_loss, distill_loss_chunked], ids=["plain", "chunked"])
 
 
 def batch(B=3, T=7, V=11, seed=0, scale=2.0):
@@ -92,11 +94,12 @@ def reference_loss(name, student, teacher, labels, tau, hp=None):
     return sum(values) / len(values)
 
 
+@IMPLEMENTATIONS
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("tau", [0.5, 1.0, 2.5, 4.0])
-def test_each_objective_equals_float64_reference(name, tau):
+def test_each_objective_equals_float64_reference(name, tau, distill):
     student, teacher, labels = batch(seed=int(tau * 10))
-    got = distill_loss(name, student, teacher, labels, tau=tau).item()
+    got = distill(name, student, teacher, labels, tau=tau).item()
     want = reference_loss(name, student, teacher, labels, tau)
     assert abs(got - want) <= 1e-6 * max(1.0, abs(want)), (got, want)
 
@@ -124,8 +127,9 @@ def per_token_grad(name, student, teacher, labels, tau):
     return student.grad
 
 
+@IMPLEMENTATIONS
 @pytest.mark.parametrize("tau", [0.7, 1.0, 3.0])
-def test_fkl_gradient_is_eq2(tau):
+def test_fkl_gradient_is_eq2(tau, distill):
     student, teacher, labels = batch(seed=2)
     grad = per_token_grad("fkl", student, teacher, labels, tau).double()
     p, q = (teacher.double() / tau).softmax(-1), (student.detach().double() / tau).softmax(-1)
@@ -133,8 +137,9 @@ def test_fkl_gradient_is_eq2(tau):
     assert_float32_close(grad, want)
 
 
+@IMPLEMENTATIONS
 @pytest.mark.parametrize("tau", [0.7, 1.0, 3.0])
-def test_rkl_gradient_is_eq3_and_eq4(tau):
+def test_rkl_gradient_is_eq3_and_eq4(tau, distill):
     student, teacher, labels = batch(seed=3)
     grad = per_token_grad("rkl", student, teacher, labels, tau).double()
     zs, zt = student.detach().double(), teacher.double()
@@ -227,7 +232,7 @@ def test_chunked_equals_unchunked_values_and_gradients(name):
     for chunk in (1, 4, 10_000):
         s = student.detach().requires_grad_()
         loss = ce_loss(s, labels, chunk_size=chunk) if name == "ce" else \
-            distill_loss(name, s, teacher, labels, tau=2.0, chunk_size=chunk)
+            distill_loss_chunked(name, s, teacher, labels, tau=2.0, chunk_size=chunk)
         loss.backward()
         results.append((loss.item(), s.grad))
     for value, grad in results[:2]:
@@ -245,28 +250,30 @@ def test_sum_reduction_and_tau_squared():
 
 # ---- numerics -------------------------------------------------------------------------------------------------------
 
+@IMPLEMENTATIONS
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_finite_for_extreme_logits_all_taus_and_half_precision(name, dtype):
+def test_finite_for_extreme_logits_all_taus_and_half_precision(name, dtype, distill):
     student, teacher, labels = batch(B=2, T=5, V=13, seed=12)
     student = (student.detach() * 5e3).clamp(-1e4, 1e4)
     teacher = (teacher * 5e3).clamp(-1e4, 1e4)
     student[0, 3, 2], teacher[0, 3, 2] = 1e4, -1e4
     for tau in (0.1, 1.0, 100.0):
         s = student.to(dtype).requires_grad_()
-        loss = distill_loss(name, s, teacher.to(dtype), labels, tau=tau)
+        loss = distill(name, s, teacher.to(dtype), labels, tau=tau)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(s.grad).all(), (name, dtype, tau)
 
 
+@IMPLEMENTATIONS
 @pytest.mark.parametrize("name", NAMES + ["ce"])
-def test_neg_inf_vocabulary_columns_contribute_nothing(name):
+def test_neg_inf_vocabulary_columns_contribute_nothing(name, distill):
     student, teacher, labels = batch(B=2, T=5, V=11, seed=13)
     pad = torch.full((2, 5, 5), -math.inf)  # e.g. a vocabulary padded to a multiple of 8
     wide_s = torch.cat([student.detach(), pad], -1).requires_grad_()
     wide_t = torch.cat([teacher, pad], -1)
     narrow_s = student.detach().requires_grad_()
-    run = lambda s, t: ce_loss(s, labels) if name == "ce" else distill_loss(name, s, t, labels, tau=2.0)
+    run = lambda s, t: ce_loss(s, labels) if name == "ce" else distill(name, s, t, labels, tau=2.0)
     wide, narrow = run(wide_s, wide_t), run(narrow_s, teacher)
     wide.backward()
     narrow.backward()
@@ -300,17 +307,35 @@ def test_bad_input_is_named():
         distill_loss("drkl", student, teacher, labels.masked_fill(labels == labels.max(), 11))
 
 
+@IMPLEMENTATIONS
 @pytest.mark.parametrize("name", NAMES)
-def test_all_positions_masked_gives_zero_and_zero_gradient(name):
+def test_all_positions_masked_gives_zero_and_zero_gradient(name, distill):
     student, teacher, labels = batch()
-    loss = distill_loss(name, student, teacher, torch.full_like(labels, -100))
+    loss = distill(name, student, teacher, torch.full_like(labels, -100))
     loss.backward()
     assert loss.item() == 0.0 and (student.grad == 0).all()
 
 
 def test_a_second_backward_is_refused_not_silently_wrong():
     student, teacher, labels = batch()
-    loss = distill_loss("fkl", student, teacher, labels, tau=2.0)
+    loss = distill_loss_chunked("fkl", student, teacher, labels, tau=2.0)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="twice is not supported"):
         loss.backward()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("tau", [0.5, 3.0])
+def test_chunked_engine_equals_the_plain_form_in_value_and_gradient(name, tau):
+    student, teacher, labels = batch(B=3, T=7, V=19, seed=11)
+    teacher[..., 4] = float("-inf")  # a masked vocabulary entry (never a target: its probability is 0)
+    labels = labels.masked_fill(labels == 4, 5)
+    grads, values = [], []
+    for distill in (distill_loss, distill_loss_chunked):
+        s = student.detach().requires_grad_()
+        loss = distill(name, s, teacher, labels, tau=tau)
+        loss.backward()
+        values.append(loss.item())
+        grads.append(s.grad)
+    assert values[0] == pytest.approx(values[1], rel=1e-6, abs=1e-7)
+    assert torch.allclose(grads[0], grads[1], atol=1e-7, rtol=1e-5)
