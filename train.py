@@ -279,6 +279,25 @@ def gradient_sync(model, enabled):
         yield
 
 
+def loss_step(args, student, teacher, input_ids, attention_mask, labels, autocast):
+    """One micro-batch -> (ce, kd): the student's next-token cross-entropy and its KD loss against the frozen
+    teacher, each summed over the response tokens (kd is None in SFT). CE keeps a gradient only when the mix
+    uses it (kd_ratio < 1); in pure KD it is computed for the log."""
+    teacher_logits = None
+    if teacher is not None:
+        with torch.no_grad(), autocast():
+            teacher_logits = teacher(input_ids, attention_mask)                            # (b, T, V), frozen
+    with autocast():
+        student_logits = student(input_ids, attention_mask)                                # (b, T, V)
+    if teacher_logits is None:
+        return ce_loss(student_logits, labels, reduction="sum"), None
+    kd = distill_loss_chunked(args.loss, student_logits, teacher_logits, labels, tau=args.tau, tau_sq=args.tau_sq,
+                              reduction="sum", **{k: getattr(args, k) for k in HPARAMS})  # None: the default
+    with torch.set_grad_enabled(args.kd_ratio < 1):
+        ce = ce_loss(student_logits if args.kd_ratio < 1 else student_logits.detach(), labels, reduction="sum")
+    return ce, kd
+
+
 def train_step(args, student, teacher, micro_batches, optimizer, lr, world_size, autocast):
     """Forward/backward every micro-batch of this process, then one clipped AdamW step. Returns log values.
 
@@ -289,28 +308,11 @@ def train_step(args, student, teacher, micro_batches, optimizer, lr, world_size,
     if world_size > 1:
         dist.all_reduce(n_tokens)
     sums = {"ce": 0.0, "kd": 0.0}
-    for i, (input_ids, attention_mask, labels) in enumerate(micro_batches):
+    for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with gradient_sync(student, last or world_size == 1):  # one gradient all-reduce per step, after the last
-            if teacher is not None:
-                with torch.no_grad(), autocast():
-                    teacher_logits = teacher(input_ids, attention_mask)                # (b, T, V), frozen
-            with autocast():
-                student_logits = student(input_ids, attention_mask)                    # (b, T, V)
-            if args.mode == "sft":
-                ce = ce_loss(student_logits, labels, reduction="sum")
-                loss, kd = ce, None
-            else:
-                kd = distill_loss_chunked(args.loss, student_logits, teacher_logits, labels, tau=args.tau,
-                                          tau_sq=args.tau_sq, reduction="sum",
-                                          **{k: getattr(args, k) for k in HPARAMS})  # None: the default
-                if args.kd_ratio < 1:
-                    ce = ce_loss(student_logits, labels, reduction="sum")
-                    loss = (1 - args.kd_ratio) * ce + args.kd_ratio * kd
-                else:  # pure KD: CE only for the log, without a gradient
-                    with torch.no_grad():
-                        ce = ce_loss(student_logits.detach(), labels, reduction="sum")
-                    loss = kd
+            ce, kd = loss_step(args, student, teacher, *batch, autocast)
+            loss = ce if kd is None else (1 - args.kd_ratio) * ce + args.kd_ratio * kd  # the mix (kd_ratio = 1: KD)
             (loss * world_size / n_tokens.clamp(min=1)).backward()
         sums["ce"] += ce.item()
         sums["kd"] += kd.item() if kd is not None else 0.0
@@ -377,13 +379,8 @@ def train(args):
     total_steps = steps_per_epoch * args.epochs
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(train_set)} training examples do not fill one batch of {args.batch_size}")
-    student.train()
-    raw_student = student
-    if args.fsdp:
-        student = wrap_fsdp(student, device)
-    elif world_size > 1:
-        student = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if on_gpu else None)
-    optimizer = optimizer_for(student, args.lr, args.weight_decay)
+    student = Student(student.train(), args, device, world_size)  # .trained: what the loop calls (DDP, FSDP)
+    optimizer = optimizer_for(student.trained, args.lr, args.weight_decay)
     autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if on_gpu and dtype != torch.float32 else contextlib.nullcontext
 
     state = {"step": 0, "epoch": 0, "best_rouge": -1.0}
@@ -391,7 +388,7 @@ def train(args):
     if is_main:
         clean_stale_files(out)
     if args.resume:
-        state = load_checkpoint(out / "last.pt", args, raw_student, optimizer, student if args.fsdp else None)
+        state = load_checkpoint(out / "last.pt", args, student, optimizer)
     elif is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
@@ -410,7 +407,7 @@ def train(args):
                                        data.collate_train([train_set[i] for i in mine[j:j + micro]], tokenizer.pad_id))
                                  for j in range(0, per_process, micro)]
                 lr = cosine_lr(state["step"], total_steps, args.lr, args.min_lr)
-                stats = train_step(args, student, teacher, micro_batches, optimizer, lr, world_size, autocast)
+                stats = train_step(args, student.trained, teacher, micro_batches, optimizer, lr, world_size, autocast)
                 state["step"] += 1
                 elapsed, ticks = time.time() - ticks, time.time()
                 stats["tokens_per_s"] = sum(int(m[1].sum()) for m in micro_batches) * world_size / max(elapsed, 1e-9)
@@ -422,19 +419,16 @@ def train(args):
                 if state["step"] >= stop_at or stop.check():
                     break
                 if args.save_every and state["step"] % args.save_every == 0:
-                    save_checkpoint(out / "last.pt", args, state, raw_student, optimizer,
-                                    student if args.fsdp else None, is_main)
+                    save_checkpoint(out / "last.pt", args, state, student, optimizer, is_main)
             if stop.requested:  # an epoch that just ended is validated by the resumed run
-                save_checkpoint(out / "last.pt", args, state, raw_student, optimizer, student if args.fsdp else None,
-                                is_main)
+                save_checkpoint(out / "last.pt", args, state, student, optimizer, is_main)
                 break
             if state["step"] % steps_per_epoch == 0:  # an epoch ended
                 state["epoch"] = epoch + 1
             if state["step"] % steps_per_epoch == 0 or state["step"] == stop_at:  # and at --max-steps
-                validate_and_keep_best(args, raw_student, tokenizer, valid, valid_set, state, out, is_main,
-                                       world_size, log, student if args.fsdp else None)
-            save_checkpoint(out / "last.pt", args, state, raw_student, optimizer, student if args.fsdp else None,
-                            is_main)
+                validate_and_keep_best(args, student, tokenizer, valid, valid_set, state, out, is_main, world_size,
+                                       log)
+            save_checkpoint(out / "last.pt", args, state, student, optimizer, is_main)
     finally:
         stop.restore()
     bar.close()
@@ -454,14 +448,11 @@ def train(args):
     return out
 
 
-def validate_and_keep_best(args, model, tokenizer, valid, valid_set, state, out, is_main, world_size, log,
-                           fsdp_model=None):
+def validate_and_keep_best(args, student, tokenizer, valid, valid_set, state, out, is_main, world_size, log):
     """Validation ROUGE-L (sampling on the records) and CE (on their encoded sequences) on rank 0; best/ keeps the
     epoch with the best ROUGE-L (HF layout)."""
-    full_state = gather_fsdp_state(fsdp_model) if fsdp_model is not None else None
+    model = student.whole(is_main)
     if is_main:
-        if full_state is not None:
-            model = clone_from_state(model, full_state)
         rouge = evaluate.validation_score(model, tokenizer, valid, seed=args.seed, greedy=args.valid_greedy,
                                           max_new_tokens=args.valid_max_new_tokens)
         with torch.no_grad():
@@ -558,11 +549,8 @@ def open_log(path, resumed_at):
 # Checkpoints: last.pt for resuming, written atomically
 
 
-def save_checkpoint(path, args, state, model, optimizer, fsdp_model, is_main):
-    if fsdp_model is not None:
-        model_state, optim_state = gather_fsdp_state(fsdp_model), gather_fsdp_optim(fsdp_model, optimizer)
-    else:
-        model_state, optim_state = model.state_dict(), optimizer.state_dict()
+def save_checkpoint(path, args, state, student, optimizer, is_main):
+    model_state, optim_state = student.state_dicts(optimizer)
     if not is_main:
         return
     checkpoint = {"model": model_state, "optimizer": optim_state, "state": dict(state), "args": vars(args),
@@ -576,7 +564,7 @@ RESUME_MUST_MATCH = ("mode", "loss", "tau", "kd_ratio", "tau_sq", *HPARAMS, "tea
                      "train_examples")
 
 
-def load_checkpoint(path, args, model, optimizer, fsdp_model=None):
+def load_checkpoint(path, args, student, optimizer):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, or not a checkpoint at all
@@ -587,11 +575,7 @@ def load_checkpoint(path, args, model, optimizer, fsdp_model=None):
         raise SystemExit(f"error: --resume with different settings than {path} was written with: "
                          + ", ".join(f"{k}={checkpoint['args'].get(k)!r} -> {getattr(args, k)!r}" for k in changed))
     try:
-        if fsdp_model is not None:
-            load_fsdp_state(fsdp_model, optimizer, checkpoint)
-        else:
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
+        student.load_state_dicts(checkpoint, optimizer)
     except RuntimeError as e:  # e.g. a last.pt from before model.Linear stored its weights (in, out)
         detail = " ".join(str(e).split())[:300]
         raise SystemExit(f"error: {path} does not fit this model (another student, or an older tempkd): {detail}")
@@ -603,7 +587,43 @@ def load_checkpoint(path, args, model, optimizer, fsdp_model=None):
 
 
 # ====================================================================================================================
-# FSDP: shard the student's parameters, gradients and optimizer state across GPUs (see README, "Memory")
+# The student under DDP or FSDP (FSDP shards its parameters, gradients and optimizer state; README, "Memory")
+
+
+class Student:
+    """The student twice: `raw`, the plain model, and `trained`, what the loop calls: the same model, DDP's wrapper,
+    or FSDP's sharded model. What differs between them (whole state dicts, a whole model to validate) is here."""
+
+    def __init__(self, model, args, device, world_size):
+        self.raw, self.sharded = model, args.fsdp
+        if args.fsdp:
+            self.trained = wrap_fsdp(model, device)
+        elif world_size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        else:
+            self.trained = model
+
+    def state_dicts(self, optimizer):
+        """(model, optimizer) state dicts of the whole student; under FSDP every process must call (a gather)."""
+        if self.sharded:
+            return gather_fsdp_state(self.trained), gather_fsdp_optim(self.trained, optimizer)
+        return self.raw.state_dict(), optimizer.state_dict()
+
+    def load_state_dicts(self, checkpoint, optimizer):
+        if self.sharded:
+            load_fsdp_state(self.trained, optimizer, checkpoint)
+        else:
+            self.raw.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+
+    def whole(self, is_main):
+        """A plain model to validate and save on rank 0 (under FSDP a gathered copy; every process must call)."""
+        if not self.sharded:
+            return self.raw
+        state = gather_fsdp_state(self.trained)
+        return clone_from_state(self.raw, state) if is_main else None
+
 
 
 def wrap_fsdp(model, device):
