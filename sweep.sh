@@ -30,14 +30,23 @@ case "$RESPONSES" in
 esac
 EXTRA=${EXTRA:-}
 PYTHON=${PYTHON:-python}
+# Each preset's teacher and student (train.py's PRESETS; tests/test_train.py checks the two agree), benchmarks,
+# processes and seeds
+case "$PRESET" in
+  gpt2) TEACHER=MiniLLM/teacher-gpt2-1.5B; STUDENT=gpt2 ;;
+  opt) TEACHER=runs/opt/teacher/best; STUDENT=facebook/opt-1.3b ;;
+  toy) TEACHER=runs/toy/teacher/best; STUDENT=runs/toy/student-init/best ;;
+esac
 if [ "$PRESET" = toy ]; then
   BENCHMARKS=${BENCHMARKS:-toy,toy-hard}
   NPROC=${NPROC:-1}
   SEEDS=${SEEDS:-"1 2 3"}                  # training seeds: the toy study's three
+  EVAL_SEEDS=${EVAL_SEEDS:-10,20,30}       # sampling seeds of the evaluation
 else
   BENCHMARKS=${BENCHMARKS:-dolly,self-inst,vicuna,sinst,uinst}
   NPROC=${NPROC:-$($PYTHON -c "import torch; print(max(torch.cuda.device_count(), 1))")}
   SEEDS=${SEEDS:-"1"}                      # training seeds
+  EVAL_SEEDS=${EVAL_SEEDS:-10,20,30,40,50} # the protocol's sampling seeds
 fi
 # Every setting is checked before the first run (also with DRY_RUN), so a typo never runs half a grid
 for tau in $TAUS; do
@@ -45,14 +54,9 @@ for tau in $TAUS; do
 done
 for seed in $SEEDS; do [[ "$seed" =~ ^[0-9]+$ ]] || fail "SEEDS: '$seed' is not a whole number"; done
 [[ -n "${LOSSES// /}" && -n "${TAUS// /}" && -n "${SEEDS// /}" ]] || fail "LOSSES, TAUS and SEEDS must not be empty"
-# The preset's teacher, student and evaluation seeds, read in one Python start (importing train imports torch),
-# which also checks the objectives' names
-settings=$(PYTHONPATH="$HERE" $PYTHON -c "import sys, evaluate, losses, train; p = train.PRESETS['$PRESET']
+PYTHONPATH="$HERE" $PYTHON -c "import sys, losses
 bad = [loss for loss in '$LOSSES'.split() if loss not in losses.LOSSES]
-if bad: sys.exit(f'error: LOSSES: unknown objective {bad[0]!r}: choose from {\" \".join(losses.LOSSES)}')
-print(p.get('teacher', ''), p.get('student', ''), p.get('eval_seeds', ','.join(map(str, evaluate.SEEDS))), sep='\n')")
-{ read -r TEACHER; read -r STUDENT; read -r PRESET_EVAL_SEEDS; } <<< "$settings"
-EVAL_SEEDS=${EVAL_SEEDS:-$PRESET_EVAL_SEEDS}  # sampling seeds of the evaluation
+if bad: sys.exit(f'error: LOSSES: unknown objective {bad[0]!r}: choose from {\" \".join(losses.LOSSES)}')"
 
 run() {  # print, then run unless DRY_RUN is set
   echo "+ $*"

@@ -42,44 +42,58 @@ from model import GPT, GPTConfig
 SIZES = {"toy-teacher": dict(n_layer=4, n_head=2, n_embd=128), "toy-student": dict(n_layer=2, n_head=2, n_embd=96),
          "toy-tiny": dict(n_layer=1, n_head=2, n_embd=32)}
 
-# Presets: the paper's two settings and the offline toy one. Flags given on the command line win.
+# The paper's setting (GPT-2 XL -> GPT-2 on Dolly, METHOD.md section 4) is the default of every flag below. A
+# preset overrides some of them, and a flag given on the command line overrides both. `--help` prints this table.
 PRESETS = {
-    "gpt2": dict(teacher="MiniLLM/teacher-gpt2-1.5B", student="gpt2", data="dolly", lr=5e-4, epochs=20,
-                 batch_size=32, out="runs/gpt2"),
-    "opt": dict(teacher="runs/opt/teacher/best", student="facebook/opt-1.3b", data="dolly", lr=5e-5, epochs=20,
-                batch_size=32, out="runs/opt"),
-    # Toy: a from-scratch teacher made by SFT, and a student warm-started by a short SFT (METHOD.md section 5:
-    # RKL from random weights is an optimisation failure, not the paper's regime of pretrained students).
-    # Sized for 2 CPU cores so that the whole grid (58 runs x 3 seeds) fits in 2 hours: teacher SFT ~4 min,
-    # warm start ~1 min (both made once), then ~35 s per run: 150 distillation steps of 8 sequences, validation,
-    # and the evaluation over three sampling seeds.
+    "gpt2": dict(),
+    "opt": dict(teacher="runs/opt/teacher/best", student="facebook/opt-1.3b", lr=5e-5),
+    # Offline, sized for 2 CPU cores: a 3-seed grid of every objective in about 2 hours (README, "The toy
+    # benchmark"). The teacher and the student's warm start are made first, once, by TOY_STAGES.
     "toy": dict(teacher="runs/toy/teacher/best", student="runs/toy/student-init/best", data="toy", lr=1e-3,
-                epochs=1, batch_size=8, train_examples=1_200, valid_examples=100, out="runs/toy",
-                eval_benchmarks="toy,toy-hard", eval_seeds="10,20,30",
-                teacher_sft=dict(student="toy-teacher", lr=2e-3, epochs=3, batch_size=16, train_examples=14_400),
-                student_sft=dict(student="toy-student", lr=3e-3, epochs=1, batch_size=32, train_examples=9_600)),
+                epochs=1, batch_size=8, train_examples=1_200, valid_examples=100, eval_benchmarks="toy,toy-hard",
+                eval_seeds="10,20,30"),
 }
-DEFAULTS = dict(preset="gpt2", mode="kd", loss="fkl", tau=1.0, kd_ratio=1.0, epochs=20, batch_size=32,
-                micro_batch_size=None, lr=5e-4, min_lr=1e-7, weight_decay=0.01, seed=1, train_examples=None,
-                valid_examples=None, max_prompt_len=256, max_len=512, log_every=10, eval_benchmarks="",
-                eval_seeds="10,20,30,40,50", valid_greedy=False, valid_max_new_tokens=256)
+# The toy preset's two stages, each an ordinary train.py command, run once before the first toy run that needs it
+# (run one by hand to make it yourself): the teacher fine-tuned from scratch to its validation plateau, and a short
+# SFT warm start for the student (METHOD.md section 5: RKL from random weights is an optimisation failure, not the
+# paper's regime of pretrained students).
+TOY_STAGES = {
+    "runs/toy/teacher": ["--mode", "sft", "--student", "toy-teacher", "--lr", "2e-3", "--epochs", "3",
+                         "--batch-size", "16", "--train-examples", "14400"],
+    "runs/toy/student-init": ["--mode", "sft", "--student", "toy-student", "--lr", "3e-3", "--epochs", "1",
+                              "--batch-size", "32", "--train-examples", "9600"],
+}
 
 
 def parse_args(argv=None):
+    p = build_parser()
+    preset = p.parse_known_args(argv)[0].preset
+    p.set_defaults(**PRESETS[preset])  # the preset's table replaces the defaults; flags given still win
+    return resolve_args(p.parse_args(argv))
+
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=None)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="gpt2 (default), opt, or toy (offline)")
-    p.add_argument("--mode", choices=["kd", "sft"], help="kd: distil the teacher into the student (default); "
+                                epilog="presets (override the defaults above; flags override presets):\n" + "\n".join(
+                                    f"  {name}: " + (", ".join(f"{k}={v}" for k, v in table.items()) or
+                                                     "the defaults (the paper's GPT-2 setting)")
+                                    for name, table in PRESETS.items()))
+    p.add_argument("--preset", choices=list(PRESETS), default="gpt2", help="a table of defaults, listed below")
+    p.add_argument("--mode", choices=["kd", "sft"], default="kd", help="kd: distil the teacher into the student; "
                    "sft: fine-tune --student on the data with cross-entropy only (how a teacher is made)")
-    p.add_argument("--loss", help=f"KD objective: {', '.join(LOSSES)}")
-    p.add_argument("--tau", type=float, help="KD temperature, applied to teacher and student logits")
+    p.add_argument("--loss", default="fkl", help=f"KD objective: {', '.join(LOSSES)}")
+    p.add_argument("--tau", type=float, default=1.0, help="KD temperature, applied to teacher and student logits")
     for name in HPARAMS:
-        p.add_argument(f"--{name}", type=float, help=f"objective hyper-parameter {name} (default: the objective's, METHOD.md section 3)")
-    p.add_argument("--kd-ratio", type=float, help="loss = (1 - r) CE + r KD (default 1: pure distillation)")
+        takes = ", ".join(f"{loss} {objective.domains[name]}" for loss, objective in LOSSES.items()
+                          if name in objective.domains)
+        p.add_argument(f"--{name}", type=float, help=f"hyper-parameter of {takes} (default: the objective's)")
+    p.add_argument("--kd-ratio", type=float, default=1.0, help="loss = (1 - r) CE + r KD (1: pure distillation)")
     p.add_argument("--tau-sq", action="store_true", help="multiply the KD loss by tau^2 (Hinton); off in the paper")
-    p.add_argument("--teacher", help="hub id or checkpoint directory")
-    p.add_argument("--student", help="hub id, checkpoint directory, or a from-scratch size: " + ", ".join(SIZES))
-    p.add_argument("--data", help="benchmark name (dolly, toy) or a jsonl file of prompts and fixed responses")
+    p.add_argument("--teacher", default="MiniLLM/teacher-gpt2-1.5B", help="hub id or checkpoint directory "
+                   "(default: GPT-2 XL fine-tuned on Dolly, as published by MiniLLM)")
+    p.add_argument("--student", default="gpt2", help="hub id, checkpoint directory, or a from-scratch size: "
+                   + ", ".join(SIZES))
+    p.add_argument("--data", default="dolly", help="benchmark (dolly, toy) or a jsonl file of prompts and responses")
     p.add_argument("--responses", choices=["teacher", "dataset"],
                    help="what the student learns from: teacher = the fine-tuned teacher's own responses to the "
                    "training prompts, sampled once and cached (the paper's setting; default for --mode kd on a "
@@ -87,41 +101,35 @@ def parse_args(argv=None):
     p.add_argument("--valid-data", help="benchmark whose valid split selects the best epoch (default: --data, "
                    "or dolly when --data is a jsonl file)")
     p.add_argument("--data-dir", default=data.DATA_DIR)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="global batch (all processes, all micro-batches)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch (all processes, all micro-batches)")
     p.add_argument("--micro-batch-size", type=int, help="sequences per forward pass (default: all of a process's)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--min-lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (GPT-2 student; OPT: 5e-5)")
+    p.add_argument("--min-lr", type=float, default=1e-7, help="end of the cosine decay")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's, none on biases and layer norms")
+    p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", help="run directory (default: runs/<preset>/<loss>-tau<tau>)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="autocast dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--teacher-dtype", choices=["float32", "bfloat16"], help="teacher weights (default as --dtype)")
     p.add_argument("--resume", action="store_true", help="continue exactly from <out>/last.pt")
     p.add_argument("--fsdp", action="store_true", help="shard the student with FSDP (multi-GPU)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule still spans "
-                   "--epochs); last.pt is written, so --resume continues")
+                   "--epochs), validate and save best/ and last.pt, so --resume continues")
     p.add_argument("--save-every", type=int, default=0, help="also write last.pt every N steps")
     p.add_argument("--train-examples", type=int, help="use the first N training examples")
     p.add_argument("--valid-examples", type=int, help="score validation ROUGE-L on the first N examples")
     p.add_argument("--valid-greedy", action="store_true", help="greedy validation decoding (default: sampled)")
-    p.add_argument("--valid-max-new-tokens", type=int)
-    p.add_argument("--max-prompt-len", type=int)
-    p.add_argument("--max-len", type=int)
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--eval-benchmarks", help="after training, evaluate best/ on these (comma-separated)")
-    p.add_argument("--eval-seeds")
-    args = p.parse_args(argv)
-    return resolve_args(args)
+    p.add_argument("--valid-max-new-tokens", type=int, default=256)
+    p.add_argument("--max-prompt-len", type=int, default=256)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-benchmarks", default="", help="after training, evaluate best/ on these (comma-separated)")
+    p.add_argument("--eval-seeds", default="10,20,30,40,50", help="sampling seeds of that evaluation")
+    return p
 
 
 def resolve_args(args):
-    """Fill unset flags from the preset, then from DEFAULTS; check everything before any work starts."""
-    preset = PRESETS[args.preset or DEFAULTS["preset"]]
-    for key, value in {**DEFAULTS, **{k: v for k, v in preset.items() if k not in ("out",)}}.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    args.tau_sq = bool(args.tau_sq)
+    """The settings that follow from others, then the door (check_args)."""
     if args.responses is None:
         args.responses = "teacher" if args.mode == "kd" and not args.data.endswith(".jsonl") else "dataset"
     if args.responses == "teacher" and (args.mode == "sft" or is_scratch(args.teacher or "")):
@@ -133,7 +141,7 @@ def resolve_args(args):
     if args.out is None:
         name = "teacher" if args.mode == "sft" else f"{args.loss}-tau{args.tau:g}"
         name += "-dataset" if args.mode == "kd" and args.responses == "dataset" else ""
-        args.out = os.path.join(preset["out"], name)
+        args.out = os.path.join("runs", args.preset, name)
     check_args(args)
     return args
 
@@ -162,7 +170,7 @@ def check_args(args):
             checks.fail(f"--loss {args.loss} --tau {args.tau:g}: {e}")
     elif hparams:
         checks.fail(f"--{next(iter(hparams))} is a KD hyper-parameter: --mode sft takes none")
-    to_make = {target: stage["student"] for stage, target in missing_prerequisites(args)}  # the toy's stages
+    to_make = {f"{out}/best": stage[stage.index("--student") + 1] for out, stage in toy_stages_to_make(args)}
     for flag, name in (("--student", args.student), *((("--teacher", args.teacher),) if args.mode == "kd" else ())):
         if not name:
             checks.fail(f"{flag} is required")
@@ -705,32 +713,26 @@ def run_final_evaluation(args, out, device):
     print(f"\n{out}: ROUGE-L of best/ (sampled, decode temperature 1)\n" + evaluate.results_table(results))
 
 
-def missing_prerequisites(args):
-    """--preset toy: [(sub-run settings, checkpoint)] for the preset's teacher / student warm start not made yet."""
-    preset = PRESETS.get(args.preset, {})
-    if args.mode != "kd" or "teacher_sft" not in preset:
+def toy_stages_to_make(args):
+    """[(run directory, argv)] of the toy stages this command needs and that are not made yet (made = finished.json;
+    an interrupted stage already holds a best/ of an earlier epoch, and is resumed)."""
+    if args.preset != "toy" or args.mode != "kd":
         return []
-    pairs = [(preset["teacher_sft"], args.teacher, preset["teacher"]), (preset["student_sft"], args.student, preset["student"])]
-    # done = finished.json: an interrupted stage may already hold a best/ of an earlier epoch
-    return [(settings, target) for settings, target, default in pairs
-            if target == default and not os.path.isfile(os.path.join(os.path.dirname(target), "finished.json"))]
+    needed = {os.path.dirname(name) for name in (args.teacher, args.student)}
+    return [(out, stage) for out, stage in TOY_STAGES.items()
+            if out in needed and not os.path.isfile(os.path.join(out, "finished.json"))]
 
 
-def run_preset_prerequisites(args, argv):
-    """Make the toy teacher (SFT from scratch) and the student's warm start (a short SFT) if they do not exist.
-    An interrupted stage is resumed by running the same command again."""
+def make_toy_stages(args, argv):
+    """Explicit steps before the toy run: the teacher, then the student's warm start, each an ordinary train.py
+    command. An interrupted stage resumes when the same command is run again."""
     global RESUME_COMMAND
     RESUME_COMMAND = shlex.join(["python", "train.py", *argv])
-    for settings, target in missing_prerequisites(args):
-        run_dir = os.path.dirname(target)
-        overrides = ["--mode", "sft", "--preset", args.preset, "--out", run_dir, "--seed", str(args.seed),
-                     "--data", args.data, "--data-dir", args.data_dir, "--eval-benchmarks", ""]
-        for k, v in settings.items():
-            overrides += [f"--{k.replace('_', '-')}", str(v)]
-        if os.path.isfile(os.path.join(run_dir, "last.pt")):  # an interrupted earlier attempt: continue it
-            overrides.append("--resume")
-        print(f"{target} does not exist yet: training it first (train.py {' '.join(overrides)})")
-        train(parse_args(overrides))
+    for out, stage in toy_stages_to_make(args):
+        stage_argv = ["--preset", "toy", *stage, "--out", out, "--data-dir", args.data_dir, "--eval-benchmarks", ""]
+        stage_argv += ["--resume"] if os.path.isfile(os.path.join(out, "last.pt")) else []
+        print(f"{out}/best does not exist yet: making it first (python train.py {shlex.join(stage_argv)})")
+        train(parse_args(stage_argv))
 
 
 def main(argv=None):
@@ -738,9 +740,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        run_preset_prerequisites(args, argv)
+        make_toy_stages(args, argv)
         RESUME_COMMAND = shlex.join(["python", "train.py", *argv, *([] if args.resume else ["--resume"])])
-    elif missing_prerequisites(args):
+    elif toy_stages_to_make(args):
         raise SystemExit("error: run `python train.py --preset toy` once in a single process to make the toy "
                          "teacher and student before using torchrun")
     else:

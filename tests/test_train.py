@@ -96,10 +96,13 @@ def test_kill_and_resume_equals_a_straight_run(tmp_path):
 def test_toy_preset_end_to_end(tmp_path, monkeypatch):
     """--preset toy with tiny sizes: teacher SFT and student warm start are made first, then KD, then evaluation."""
     monkeypatch.chdir(tmp_path)
-    toy = dict(train.PRESETS["toy"], train_examples=64, valid_examples=4, eval_seeds="10,20",
-               teacher_sft=dict(student="toy-tiny", lr=1e-2, epochs=40, batch_size=8, train_examples=16),
-               student_sft=dict(student="toy-tiny", lr=3e-3, epochs=1, batch_size=16, train_examples=32))
+    toy = dict(train.PRESETS["toy"], train_examples=64, valid_examples=4, eval_seeds="10,20")
     monkeypatch.setitem(train.PRESETS, "toy", toy)
+    monkeypatch.setattr(train, "TOY_STAGES", {
+        "runs/toy/teacher": ["--mode", "sft", "--student", "toy-tiny", "--lr", "1e-2", "--epochs", "40",
+                             "--batch-size", "8", "--train-examples", "16"],
+        "runs/toy/student-init": ["--mode", "sft", "--student", "toy-tiny", "--lr", "3e-3", "--epochs", "1",
+                                  "--batch-size", "16", "--train-examples", "32"]})
     monkeypatch.setattr(data, "TOY_SPLITS", dict(data.TOY_SPLITS, test=6, **{"test-hard": 6}))
     train.main(["--preset", "toy", "--loss", "fkl", "--tau", "3", "--batch-size", "16", "--valid-max-new-tokens", "8"])
     run = tmp_path / "runs/toy/fkl-tau3"
@@ -224,3 +227,21 @@ def test_kd_between_hugging_face_checkpoints_on_a_jsonl_dataset(tmp_path):
     before = load_file(str(tmp_path / "student" / "model.safetensors"))
     after = load_file(str(out / "best" / "model.safetensors"))
     assert not torch.equal(before["transformer.h.0.mlp.c_fc.weight"], after["transformer.h.0.mlp.c_fc.weight"])
+
+
+@pytest.mark.parametrize("preset", list(train.PRESETS))
+def test_sweep_uses_the_presets_teacher_and_student_without_importing_train(preset, tmp_path):
+    parser = train.build_parser()
+    parser.set_defaults(**train.PRESETS[preset])
+    teacher, student = parser.get_default("teacher"), parser.get_default("student")
+    if preset == "toy":  # a student made here by SFT (the warm start) is evaluated where it lies
+        (tmp_path / student).mkdir(parents=True)
+    env = dict(os.environ, DRY_RUN="1", PRESET=preset, LOSSES="fkl", TAUS="1", SEEDS="1", NPROC="1",
+               RUNS=str(tmp_path / "runs"))
+    result = subprocess.run(["bash", os.path.join(ROOT, "sweep.sh")], env=env, capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    models = [line.split("--model ")[1].split()[0] for line in result.stdout.splitlines()
+              if "/evaluate.py --model" in line]
+    assert teacher in models, (teacher, models)  # the teacher's row of the tables
+    assert (student in models) == (preset == "toy")
