@@ -117,9 +117,10 @@ def writable(flag, path):
 def same_vocabulary(teacher_tokenizer, student_tokenizer, teacher_name, student_name):
     """Token-level KD compares distributions id by id: every id must stand for the same bytes in both tokenizers,
     and EOS must be the same id."""
-    theirs, ours = teacher_tokenizer.id_to_bytes(), student_tokenizer.id_to_bytes()
-    if theirs != ours or teacher_tokenizer.eos_id != student_tokenizer.eos_id:
-        differ = sorted(i for i in set(theirs) | set(ours) if theirs.get(i) != ours.get(i))
+    teacher_table, student_table = teacher_tokenizer.id_to_bytes(), student_tokenizer.id_to_bytes()
+    if teacher_table != student_table or teacher_tokenizer.eos_id != student_tokenizer.eos_id:
+        differ = sorted(i for i in set(teacher_table) | set(student_table)
+                        if teacher_table.get(i) != student_table.get(i))
         where = f"ids {differ[:3]}{'...' if len(differ) > 3 else ''} differ" if differ else "EOS ids differ"
         fail(f"teacher {teacher_name} and student {student_name} have incompatible vocabularies ({where}): "
              "token-level KD needs one shared tokenizer")

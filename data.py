@@ -48,8 +48,9 @@ class Tokenizer:
     tiktoken returns BPE *ranks*; GPT-2's ids are those ranks, OPT numbers the same tokens differently, so an
     optional table maps ranks to model ids and back. No BOS is added (METHOD.md section 4)."""
 
-    def __init__(self, encoding, eos_id, vocab_size, rank_to_id=None, source=None):
+    def __init__(self, encoding, eos_id, vocab_size, rank_to_id=None, source=None, byte_level=False):
         self.encoding, self.eos_id, self.pad_id, self.vocab_size = encoding, eos_id, eos_id, vocab_size
+        self.byte_level = byte_level  # every token is one byte (the toy's tokenizer): ~4x a BPE token's count
         self.source = source  # the directory holding vocab.json + merges.txt (None: the byte tokenizer)
         self.rank_to_id = rank_to_id  # np.ndarray or None (identity)
         if rank_to_id is not None:
@@ -97,7 +98,7 @@ def byte_tokenizer():
     encoding = tiktoken.Encoding("tempkd-bytes", pat_str=GPT2_PATTERN,
                                  mergeable_ranks={bytes([b]): b for b in range(256)},
                                  special_tokens={"<|endoftext|>": 256})
-    return Tokenizer(encoding, eos_id=256, vocab_size=257)
+    return Tokenizer(encoding, eos_id=256, vocab_size=257, byte_level=True)
 
 
 def _bytes_to_unicode():
@@ -113,9 +114,9 @@ def load_tokenizer(name_or_path):
     if name_or_path in ("toy", "bytes"):
         return byte_tokenizer()
     from model import resolve_checkpoint
-    wanted = ["vocab.json", "merges.txt", "config.json"]
-    directory = resolve_checkpoint(name_or_path, lambda files: [f for f in wanted if f in files])
-    for f in wanted[:2]:
+    tokenizer_files = ["vocab.json", "merges.txt", "config.json"]
+    directory = resolve_checkpoint(name_or_path, lambda files: [f for f in tokenizer_files if f in files])
+    for f in tokenizer_files[:2]:
         if not os.path.isfile(os.path.join(directory, f)):
             raise FileNotFoundError(f"tokenizer file {f} missing in {directory} (GPT-2/OPT checkpoints ship it)")
     vocab = json.loads(Path(directory, "vocab.json").read_text(encoding="utf-8"))
@@ -149,7 +150,9 @@ def load_tokenizer(name_or_path):
                                  mergeable_ranks=ranks, special_tokens=special_ranks)
     identity = bool((rank_to_id == np.arange(len(rank_to_id))).all())
     vocab_size = max(config.get("vocab_size", 0), max(vocab.values()) + 1)
-    return Tokenizer(encoding, eos_id, vocab_size, None if identity else rank_to_id, source=directory)
+    byte_level = len(ranks) == 256  # no merges: the byte tokenizer saved next to a toy checkpoint
+    return Tokenizer(encoding, eos_id, vocab_size, None if identity else rank_to_id, source=directory,
+                     byte_level=byte_level)
 
 
 # ====================================================================================================================

@@ -34,7 +34,7 @@ BYTES_PER_BPE_TOKEN = 4
 
 def protocol_ngram_size(tokenizer, tokens=PROTOCOL["no_repeat_ngram_size"]):
     """no_repeat_ngram_size in this tokenizer's units: as given for BPE, x4 for the byte-level tokenizer."""
-    return tokens * BYTES_PER_BPE_TOKEN if tokenizer.vocab_size <= 257 else tokens
+    return tokens * BYTES_PER_BPE_TOKEN if tokenizer.byte_level else tokens
 
 
 def decoding_settings(tokenizer, **overrides):

@@ -54,8 +54,9 @@ class GPTConfig:
 
 
 class Linear(nn.Module):
-    """y = x @ weight + bias, weight stored (in, out) as GPT-2's checkpoints store it (nn.Linear: (out, in)). Sampling
-    multiplies a few rows by each matrix per step; a CPU GEMM streams this layout ~1.5x faster (README: Benchmarks)."""
+    """y = x @ weight + bias, weight stored (in, out) as GPT-2's checkpoints store it (nn.Linear: (out, in)).
+    CPU speed-up: sampling multiplies a few rows by each matrix per step, and a CPU GEMM streams this layout ~1.5x
+    faster (results/benchmarks.md). The math is nn.Linear's."""
     def __init__(self, n_in, n_out):
         super().__init__()
         self.weight, self.bias = nn.Parameter(torch.empty(n_in, n_out)), nn.Parameter(torch.zeros(n_out))
@@ -140,8 +141,9 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, mask, None if cache is None else cache[i], cache_pos)
         x = self.proj_out(self.ln_f(x[:, -1:] if last_only else x))
-        if x.shape[1] == 1 and x.device.type == "cpu":  # sampling: a CPU GEMM reads the tall (V, C) head faster in slices
-            return torch.cat([F.linear(x, w) for w in self.tok_emb.weight.split(1024)], -1).float()  # 25 -> 16 ms at B=8
+        if x.shape[1] == 1 and x.device.type == "cpu":  # CPU speed-up when sampling: the same product, the tall
+            # (V, C) head read in slices, which a CPU GEMM streams faster (25 -> 16 ms a step at B=8)
+            return torch.cat([F.linear(x, w) for w in self.tok_emb.weight.split(1024)], -1).float()
         return F.linear(x, self.tok_emb.weight).float()  # (B, T, V), or (B, 1, V)
 
     # --- Sampling with a pre-allocated KV cache ------------------------------------------------------------------
@@ -198,8 +200,8 @@ class GPT(nn.Module):
         with torch.device("meta"):  # no memory yet: each tensor is materialised once, in `dtype`, as it is read
             model = cls(cfg)
         shapes = {name: t.shape for name, t in model.state_dict().items()}
-        wanted = {name: _hf_names(cfg, name) for name in shapes}
-        needed = {key for theirs in wanted.values() for key in theirs}
+        hf_keys_of = {name: _hf_names(cfg, name) for name in shapes}  # ours -> the checkpoint's name(s)
+        needed = {key for hf_keys in hf_keys_of.values() for key in hf_keys}
         found = {}
         for key, tensor in _read_tensors(directory):
             for prefix in ("transformer.", "model.decoder.", "model.", "decoder."):  # keys come either way
@@ -207,14 +209,14 @@ class GPT(nn.Module):
             if key in needed:  # skips lm_head (tied) and GPT-2's stored causal-mask buffers
                 found[key] = tensor.to(dtype=dtype or torch.float32, copy=True)
         state = {}
-        for name, theirs in wanted.items():
-            if missing := [k for k in theirs if k not in found]:
+        for name, hf_keys in hf_keys_of.items():
+            if missing := [k for k in hf_keys if k not in found]:
                 raise ValueError(f"checkpoint {directory} lacks weights {missing} (needed for {name})")
-            tensor = torch.cat([found.pop(k) for k in theirs])
+            tensor = torch.cat([found.pop(k) for k in hf_keys])
             if name.endswith(TRANSPOSED[cfg.model_type]):
                 tensor = tensor.t().contiguous()
             if tensor.shape != shapes[name]:
-                raise ValueError(f"config/weights shape mismatch in {directory}: {'+'.join(theirs)} has shape "
+                raise ValueError(f"config/weights shape mismatch in {directory}: {'+'.join(hf_keys)} has shape "
                                  f"{tuple(tensor.shape)}, config.json implies {tuple(shapes[name])}")
             state[name] = tensor
         model.load_state_dict(state, assign=True)
@@ -227,10 +229,10 @@ class GPT(nn.Module):
         os.makedirs(out_dir, exist_ok=True)
         prefix, tensors = HF_PREFIX[self.cfg.model_type], {}
         for name, tensor in self.state_dict().items():
-            theirs = _hf_names(self.cfg, name)
+            hf_keys = _hf_names(self.cfg, name)
             if name.endswith(TRANSPOSED[self.cfg.model_type]):
                 tensor = tensor.t()
-            for key, part in zip(theirs, tensor.chunk(len(theirs))):  # un-fuse OPT's q, k, v
+            for key, part in zip(hf_keys, tensor.chunk(len(hf_keys))):  # un-fuse OPT's q, k, v
                 tensors[prefix + key] = part.detach().contiguous().cpu()
         atomic_write(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
         config = json.dumps(config_to_hf(self.cfg), indent=2)
@@ -249,7 +251,7 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # mass before a token already exceeds top_p; the top-1 always stays
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    # inverse-CDF sampling: one uniform number per row (torch.multinomial is several times slower on CPU)
+    # CPU speed-up: inverse-CDF sampling, one uniform number per row (torch.multinomial: several times slower)
     cdf = logits.softmax(-1).cumsum_(-1)
     u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)  # zero-mass tokens never won
@@ -298,8 +300,8 @@ def _hf_names(cfg, name):
     """Our parameter name -> its Hugging Face name(s): blocks.3.fc_in.weight -> [h.3.mlp.c_fc.weight] for GPT-2."""
     module, leaf = name.rsplit(".", 1)
     layer = module.split(".")[1] if module.startswith("blocks.") else ""
-    theirs = HF_NAMES[cfg.model_type][module.replace(f"blocks.{layer}.", "blocks.{i}.", 1)]
-    return [f"{t.format(i=layer)}.{leaf}" for t in (theirs if isinstance(theirs, list) else [theirs])]
+    hf_modules = HF_NAMES[cfg.model_type][module.replace(f"blocks.{layer}.", "blocks.{i}.", 1)]
+    return [f"{t.format(i=layer)}.{leaf}" for t in (hf_modules if isinstance(hf_modules, list) else [hf_modules])]
 
 
 def config_from_hf(hf):
@@ -353,9 +355,9 @@ def resolve_checkpoint(name_or_path, pick, repo_type="model"):
     except Exception as e:  # offline, unknown repo, ...: one message instead of a deep HTTP traceback
         raise FileNotFoundError(f"{name_or_path!r} is neither a local directory nor a reachable hub {repo_type} "
                                 f"({type(e).__name__}: {e})") from e
-    wanted = pick(files)
-    paths = [huggingface_hub.hf_hub_download(name_or_path, f, repo_type=repo_type) for f in wanted]
-    return paths[0][:-len(wanted[0])].rstrip(os.sep)  # the snapshot folder that holds them all
+    to_download = pick(files)
+    paths = [huggingface_hub.hf_hub_download(name_or_path, f, repo_type=repo_type) for f in to_download]
+    return paths[0][:-len(to_download[0])].rstrip(os.sep)  # the snapshot folder that holds them all
 
 
 def looks_local(name):  # a path, not a hub id ("gpt2", "owner/name"): /.., ./.., a/b/c, or in a folder here

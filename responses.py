@@ -77,25 +77,25 @@ def teacher_responses(teacher, tokenizer, records, needed, where, provenance, ma
     elif path.is_file():
         raise SystemExit(f"error: {path} has no provenance.json beside it, so its teacher is unknown: delete {where}")
     needed = len(records) if needed is None else min(needed, len(records))
-    wanted = min(math.ceil(needed / CHUNK) * CHUNK, len(records))
+    to_answer = min(math.ceil(needed / CHUNK) * CHUNK, len(records))  # whole chunks
     answered = read_complete_chunks(path, records)
     if world_size > 1:
         dist.barrier()  # everyone has read the file before rank 0 trims or extends it
-    if len(answered) < wanted and rank == 0:
+    if len(answered) < to_answer and rank == 0:
         where.mkdir(parents=True, exist_ok=True)
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answered)
         if not path.is_file() or path.read_text(encoding="utf-8") != text:  # a torn last line or half a chunk
             atomic_write(str(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         write_provenance(meta, provenance, answered)
-    todo = list(range(len(answered) // CHUNK, math.ceil(wanted / CHUNK)))
-    bar = tqdm(total=wanted - len(answered), desc="teacher responses", disable=rank != 0 or not todo)
+    todo = list(range(len(answered) // CHUNK, math.ceil(to_answer / CHUNK)))
+    bar = tqdm(total=to_answer - len(answered), desc="teacher responses", disable=rank != 0 or not todo)
     for first in range(0, len(todo), world_size):
         round_ = todo[first:first + world_size]  # chunk round_[r] is answered by process r
-        mine = answer_chunk(teacher, tokenizer, records, round_[rank], max_prompt_len) if rank < len(round_) else []
-        chunks = [mine]
+        my_chunk = answer_chunk(teacher, tokenizer, records, round_[rank], max_prompt_len) if rank < len(round_) else []
+        chunks = [my_chunk]
         if world_size > 1:
             chunks = [None] * world_size
-            dist.all_gather_object(chunks, mine)
+            dist.all_gather_object(chunks, my_chunk)
         new = [record for chunk in chunks for record in chunk]
         answered += new
         if rank == 0:
@@ -137,13 +137,13 @@ def read_complete_chunks(path, records):
     return answered[: len(records)]
 
 
-def check_provenance(cached, wanted, meta):
+def check_provenance(cached, this_run, meta):
     """A cache made by another teacher, or with other sampling settings, is refused in one line naming both."""
-    differ = [k for k in MUST_MATCH if cached.get(k) != wanted[k]]
+    differ = [k for k in MUST_MATCH if cached.get(k) != this_run[k]]
     if differ:
         raise SystemExit(f"error: {meta} holds responses of teacher {cached.get('teacher')} "
                          f"(fingerprint {str(cached.get('teacher_fingerprint'))[:16]}), but this run's teacher is "
-                         f"{wanted['teacher']} (fingerprint {wanted['teacher_fingerprint'][:16]}); they differ in "
+                         f"{this_run['teacher']} (fingerprint {this_run['teacher_fingerprint'][:16]}); they differ in "
                          f"{', '.join(differ)}: delete {meta.parent} or use --responses dataset")
 
 

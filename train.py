@@ -153,10 +153,10 @@ def check_args(args):
                  "valid_max_new_tokens", "max_prompt_len", "log_every"):
         checks.at_least("--" + flag.replace("_", "-"), getattr(args, flag), 1)
     checks.at_least("--save-every", args.save_every, 0)
-    micro = args.micro_batch_size or args.batch_size // world_size
-    if args.batch_size % (world_size * micro):
+    micro_batch_size = args.micro_batch_size or args.batch_size // world_size
+    if args.batch_size % (world_size * micro_batch_size):
         checks.fail(f"--batch-size {args.batch_size} must be a multiple of processes ({world_size}) x "
-                    f"--micro-batch-size ({micro})")
+                    f"--micro-batch-size ({micro_batch_size})")
     for flag in ("lr", "min_lr", "weight_decay"):
         checks.finite("--" + flag.replace("_", "-"), getattr(args, flag), low=0)
     if args.max_len <= args.max_prompt_len:
@@ -353,7 +353,7 @@ def train(args):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if on_gpu else "float32")]
     teacher_dtype = getattr(torch, args.teacher_dtype) if args.teacher_dtype else dtype
     per_process = args.batch_size // world_size
-    micro = args.micro_batch_size or per_process
+    micro_batch_size = args.micro_batch_size or per_process
     tokenizer = load_tokenizer_for(args.student)  # the same as the teacher's (checked at the door)
 
     records = data.load_split(args.data, "train", args.data_dir)
@@ -403,21 +403,22 @@ def train(args):
     stop_at = min(total_steps, args.max_steps or total_steps)
     bar = tqdm(total=stop_at, initial=state["step"], disable=not is_main, desc=f"{args.mode} {out.name}")
     log = open_log(out / "log.jsonl", state["step"] if args.resume else None) if is_main else None
-    ticks = time.time()
+    step_started = time.time()
     stop = StopOnSignal(world_size, device)  # SIGTERM / Ctrl-C: finish the step, write last.pt, exit
     try:
         while state["step"] < stop_at:
             epoch = state["epoch"]
             order = epoch_order(len(train_set), epoch, args.seed, rank, world_size)
             for step_in_epoch in range(state["step"] - epoch * steps_per_epoch, steps_per_epoch):
-                mine = order[step_in_epoch * per_process:(step_in_epoch + 1) * per_process]
+                this_process = order[step_in_epoch * per_process:(step_in_epoch + 1) * per_process]  # examples
                 micro_batches = [tuple(t.to(device) for t in
-                                       data.collate_train([train_set[i] for i in mine[j:j + micro]], tokenizer.pad_id))
-                                 for j in range(0, per_process, micro)]
+                                       data.collate_train([train_set[i] for i in this_process[j:j + micro_batch_size]],
+                                                          tokenizer.pad_id))
+                                 for j in range(0, per_process, micro_batch_size)]
                 lr = cosine_lr(state["step"], total_steps, args.lr, args.min_lr)
                 stats = train_step(args, student.trained, teacher, micro_batches, optimizer, lr, world_size, autocast)
                 state["step"] += 1
-                elapsed, ticks = time.time() - ticks, time.time()
+                elapsed, step_started = time.time() - step_started, time.time()
                 stats["tokens_per_s"] = sum(int(m[1].sum()) for m in micro_batches) * world_size / max(elapsed, 1e-9)
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}")

@@ -92,11 +92,13 @@ def test_summarize_checks_the_claims_with_per_seed_paired_differences(tmp_path):
     assert "4. best τ (paper: 2.5-3.5): fkl 2, rkl 1" in table
 
 
-def test_protocol_ngram_block_is_six_bpe_tokens():
+def test_protocol_ngram_block_is_six_bpe_tokens(tmp_path):
+    from test_data import write_bpe
     assert evaluate.protocol_ngram_size(data.byte_tokenizer()) == 24
-    class FakeBPE:
-        vocab_size = 50257
-    assert evaluate.protocol_ngram_size(FakeBPE()) == 6
+    data.byte_tokenizer().save_pretrained(str(tmp_path / "bytes"))  # as saved next to a toy checkpoint
+    assert evaluate.protocol_ngram_size(data.load_tokenizer(str(tmp_path / "bytes"))) == 24
+    write_bpe(tmp_path / "bpe")  # a BPE with merges counts in its own tokens
+    assert evaluate.protocol_ngram_size(data.load_tokenizer(str(tmp_path / "bpe"))) == 6
 
 
 def test_several_models_with_a_second_decoding_setting_and_its_summary(tmp_path):
