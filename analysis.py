@@ -22,6 +22,7 @@ import torch
 
 import checks
 import data
+import plots
 
 TAUS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 10.0, 100.0, 1000.0)
 
@@ -83,35 +84,6 @@ def table(rows):
     return "\n".join(lines)
 
 
-def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    taus = [r["tau"] for r in rows]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-    axes[0].plot(taus, [r["teacher_non_target_mass"] for r in rows], "o-")
-    axes[0].set_title("teacher non-target mass 1 − p_t")
-    for name, style in (("fkl", "-"), ("rkl", "--")):
-        axes[1].plot(taus, [r[f"{name}_target"] for r in rows], "o" + style, label=f"{name.upper()} target")
-        axes[1].plot(taus, [r[f"{name}_non_target"] for r in rows], "s" + style, label=f"{name.upper()} non-target")
-    axes[1].set_yscale("log")
-    axes[1].set_title("gradient norm (per token)")
-    axes[1].legend(fontsize=7)
-    axes[2].plot(taus, [r["cosine_fkl_rkl"] for r in rows], "o-")
-    axes[2].set_title("cosine(FKL grad, RKL grad)")
-    axes[3].plot(taus, [r["prop21_gap_fkl"] for r in rows], "o-", label="FKL")
-    axes[3].plot(taus, [r["prop21_gap_rkl"] for r in rows], "s--", label="RKL")
-    axes[3].set_yscale("log")
-    axes[3].set_title("Prop. 2.1: ‖τ²g − Δ_c/V‖ / ‖Δ_c/V‖")
-    axes[3].legend(fontsize=7)
-    for ax in axes:
-        ax.set_xscale("log")
-        ax.set_xlabel("τ")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv=None):
     from model import GPT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,10 +120,7 @@ def main(argv=None):
                 f"student {args.student})\n\n{text}\n")
     with open(os.path.join(out, "analysis.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    try:
-        plot(rows, os.path.join(out, "analysis.png"))
-    except ImportError:
-        print("matplotlib is not installed: wrote the table only")
+    plots.gradient_analysis(rows, os.path.join(out, "analysis.png"))
     print(text)
 
 

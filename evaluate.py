@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import checks
 import data
+import plots
 from losses import LOSSES
 
 PROTOCOL = dict(temperature=1.0, top_k=0, top_p=1.0, no_repeat_ngram_size=6, max_new_tokens=256)
@@ -226,10 +227,11 @@ def summarize(runs_dir, out_dir=None, eval_name="eval"):
     out_dir = Path(out_dir or runs_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.md").write_text(table + "\n")
-    try:
-        _plot(grid, objectives, taus, averaged, out_dir)
-    except ImportError:
-        print("matplotlib is not installed: wrote the markdown summary only")
+    values = [[_average(grid[(o, t)], averaged) if (o, t) in grid else math.nan for t in taus] for o in objectives]
+    spreads = [[_spread(grid[(o, t)], averaged) if (o, t) in grid else math.nan for t in taus] for o in objectives]
+    # the SFT rows (teacher, warm start) go in the title: as curves they would squash the students'
+    title = ", ".join(f"{o} {_average(grid[(o, t)], averaged):.1f}" for o, t in grid if t is None)
+    plots.tau_grid(objectives, taus, values, spreads, title, out_dir)
     return table
 
 
@@ -262,42 +264,6 @@ def claims(runs, averaged):
             f"2. FKL at its best τ ({fkl[1]:g}) > RKL at its best τ ({rkl[1]:g}): FKL − RKL = {paired(fkl, rkl)}",
             "3. gain of the best τ over τ = 1: " + ("; ".join(gains) or "no objective's best τ is above 1"),
             "4. best τ (paper: 2.5-3.5): " + ", ".join(f"{o} {t:g}" for o, t in best.items())]
-
-
-def _plot(grid, objectives, taus, averaged, out_dir):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    values = [[_average(grid[(o, t)], averaged) if (o, t) in grid else math.nan for t in taus] for o in objectives]
-    fig, ax = plt.subplots(figsize=(1.2 * len(taus) + 2, 0.5 * len(objectives) + 1.5))
-    image = ax.imshow(values, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(taus)), [f"{t:g}" for t in taus])
-    ax.set_yticks(range(len(objectives)), objectives)
-    for i, row in enumerate(values):
-        for j, v in enumerate(row):
-            if not math.isnan(v):
-                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white", fontsize=8)
-    ax.set_xlabel("KD temperature τ")
-    ax.set_title("ROUGE-L")
-    fig.colorbar(image)
-    fig.tight_layout()
-    fig.savefig(out_dir / "heatmap.png", dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for o, row in zip(objectives, values):
-        points = [(t, v, _spread(grid[(o, t)], averaged)) for t, v in zip(taus, row) if not math.isnan(v)]
-        if len(points) > 1:  # error bars: the std over training seeds
-            t, v, err = zip(*points)
-            ax.errorbar(t, v, yerr=err, marker="o", capsize=2, label=o)
-    # the SFT rows (teacher, warm start) go in the title: as lines they would squash the students' curves
-    ax.set_title(", ".join(f"{o} {_average(grid[(o, t)], averaged):.1f}" for o, t in grid if t is None), fontsize=9)
-    ax.set_xlabel("KD temperature τ")
-    ax.set_ylabel("ROUGE-L")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "tau_curves.png", dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None):

@@ -33,6 +33,7 @@ from tqdm import tqdm
 import checks
 import data
 import evaluate
+import plots
 import responses
 from losses import HPARAMS, LOSSES, ce_loss, check_objective, distill_loss_chunked
 from model import GPT, GPTConfig
@@ -346,16 +347,12 @@ def train_step(args, student, teacher, micro_batches, optimizer, lr, world_size,
 # The run
 
 
-def train(args):
-    rank, world_size, device = setup_distributed()
-    is_main = rank == 0
-    on_gpu = device.type == "cuda"
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if on_gpu else "float32")]
-    teacher_dtype = getattr(torch, args.teacher_dtype) if args.teacher_dtype else dtype
-    per_process = args.batch_size // world_size
-    micro_batch_size = args.micro_batch_size or per_process
+def load_run(args, rank, world_size, device, teacher_dtype):
+    """What a run trains on: (tokenizer, student, teacher, train_set, valid records, valid_set). The student is
+    initialised from --seed on every process; the teacher is frozen; the training responses are fixed (off-policy,
+    never sampled from the student): by default the fine-tuned teacher's own answers to the training prompts, as
+    in the paper, made by the first run and cached for all (responses.py)."""
     tokenizer = load_tokenizer_for(args.student)  # the same as the teacher's (checked at the door)
-
     records = data.load_split(args.data, "train", args.data_dir)
     if len(records[: args.train_examples]) < args.batch_size:
         raise SystemExit(f"error: {len(records[: args.train_examples])} training examples do not fill one batch of "
@@ -371,9 +368,6 @@ def train(args):
         if teacher.cfg.vocab_size != student.cfg.vocab_size:
             raise SystemExit(f"error: teacher vocabulary ({teacher.cfg.vocab_size}) != student vocabulary "
                              f"({student.cfg.vocab_size}): incompatible models")
-
-    # The training responses are fixed (off-policy, never sampled from the student): by default the fine-tuned
-    # teacher's own answers to the training prompts, as in the paper, made by the first run and cached for all.
     if args.responses == "teacher":
         args.teacher_fingerprint = responses.fingerprint(args.teacher)
         where = responses.cache_dir(args.data_dir, args.data, args.teacher_fingerprint)
@@ -383,10 +377,29 @@ def train(args):
                                               args.max_prompt_len, rank, world_size)
     train_set = data.encode_dataset(tokenizer, records[: args.train_examples], args.max_prompt_len, args.max_len,
                                     where="train")
+    if len(train_set) < args.batch_size:
+        raise SystemExit(f"error: {len(train_set)} training examples do not fill one batch of {args.batch_size}")
+    return tokenizer, student, teacher, train_set, valid, valid_set
+
+
+def micro_batches_of(train_set, examples, micro_batch_size, pad_id, device):
+    """This process's examples of one step -> [(input_ids, attention_mask, labels)], one per micro-batch."""
+    return [tuple(t.to(device) for t in data.collate_train([train_set[i] for i in examples[j:j + micro_batch_size]],
+                                                           pad_id))
+            for j in range(0, len(examples), micro_batch_size)]
+
+
+def train(args):
+    rank, world_size, device = setup_distributed()
+    is_main = rank == 0
+    on_gpu = device.type == "cuda"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if on_gpu else "float32")]
+    teacher_dtype = getattr(torch, args.teacher_dtype) if args.teacher_dtype else dtype
+    per_process = args.batch_size // world_size
+    micro_batch_size = args.micro_batch_size or per_process
+    tokenizer, student, teacher, train_set, valid, valid_set = load_run(args, rank, world_size, device, teacher_dtype)
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = steps_per_epoch * args.epochs
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(train_set)} training examples do not fill one batch of {args.batch_size}")
     student = Student(student.train(), args, device, world_size)  # .trained: what the loop calls (DDP, FSDP)
     optimizer = optimizer_for(student.trained, args.lr, args.weight_decay)
     autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if on_gpu and dtype != torch.float32 else contextlib.nullcontext
@@ -411,10 +424,7 @@ def train(args):
             order = epoch_order(len(train_set), epoch, args.seed, rank, world_size)
             for step_in_epoch in range(state["step"] - epoch * steps_per_epoch, steps_per_epoch):
                 this_process = order[step_in_epoch * per_process:(step_in_epoch + 1) * per_process]  # examples
-                micro_batches = [tuple(t.to(device) for t in
-                                       data.collate_train([train_set[i] for i in this_process[j:j + micro_batch_size]],
-                                                          tokenizer.pad_id))
-                                 for j in range(0, per_process, micro_batch_size)]
+                micro_batches = micro_batches_of(train_set, this_process, micro_batch_size, tokenizer.pad_id, device)
                 lr = cosine_lr(state["step"], total_steps, args.lr, args.min_lr)
                 stats = train_step(args, student.trained, teacher, micro_batches, optimizer, lr, world_size, autocast)
                 state["step"] += 1
@@ -443,7 +453,7 @@ def train(args):
     bar.close()
     if is_main:
         log.close()
-        plot_losses(out)
+        plots.loss_curves(out)
     if stop.requested:
         stop.exit(out, is_main)
     if is_main:
@@ -676,33 +686,6 @@ def clone_from_state(model, state):
 
 # ====================================================================================================================
 # After training
-
-
-def plot_losses(out):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"{out}/loss.png not written: matplotlib is not installed (pip install matplotlib)")
-        return
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r]
-    if not steps:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train loss")
-    if any(r.get("kd") is not None for r in steps):
-        ax.plot([r["step"] for r in steps], [r["ce"] for r in steps], label="train CE", alpha=0.7)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    validation = [r for r in rows if "val_loss" in r]
-    if validation:
-        ax.plot([r["step"] for r in validation], [r["val_loss"] for r in validation], "o-", label="validation CE")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
 
 
 def run_final_evaluation(args, out, device):

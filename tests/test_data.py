@@ -7,7 +7,6 @@ import random
 
 import pytest
 import regex
-import torch
 
 import data
 from hubserver import StandInHub

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -36,6 +35,9 @@ def world(tmp_path_factory):
     (root / "no-weights").mkdir()
     (root / "no-weights/config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (root / "no-config").mkdir()
+    tiny_toy_model(root / "truncated")  # a download cut short: the weights file ends early
+    weights_file = root / "truncated" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:-100])
     (root / "a-file").write_text("")
     lines = {"null-output": '{"instruction": "a", "output": ["x"]}\n{"instruction": "b", "output": null}\n',
              "list-line": '{"instruction": "a", "output": "x"}\n[1, 2]\n',
@@ -89,6 +91,7 @@ CASES = [
     ("train", lambda w: train_argv(w, "--teacher", str(w / "no-weights")), "no weights file"),
     ("train", lambda w: train_argv(w, "--teacher", str(w / "no-config")), "no config.json"),
     ("train", lambda w: train_argv(w, "--student", "scratch:4xq"), "scratch:<layers>x<width>"),
+    ("train", lambda w: train_argv(w, "--teacher", str(w / "truncated")), "model.safetensors is not a readable"),
     ("train", lambda w: train_argv(w, "--data", "dolly2"), "--data: unknown benchmark 'dolly2'"),
     ("train", lambda w: train_argv(w, "--data", str(w / "missing.jsonl")), "missing.jsonl: no such file"),
     ("train", lambda w: train_argv(w, "--valid-data", "dolly"), "dolly/valid.jsonl is missing"),
@@ -114,6 +117,7 @@ CASES = [
     ("evaluate", lambda w: ["--model", str(w / "teacher"), "--benchmarks", "nope"], "unknown benchmark 'nope'"),
     ("evaluate", lambda w: ["--model", str(w / "teacher"), "--benchmarks", "dolly"], "run `python data.py prepare`"),
     ("evaluate", lambda w: ["--model", "./missing"], "--model ./missing: no such directory"),
+    ("evaluate", lambda w: ["--model", str(w / "truncated"), "--benchmarks", "toy"], "is not a readable safetensors"),
     ("evaluate", lambda w: [*toy_eval(w), "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     ("evaluate", lambda w: [*toy_eval(w), "--batch-size", "0"], "--batch-size must be >= 1"),
     ("evaluate", lambda w: ["summarize", str(w / "no-runs")], "no such directory of runs"),
