@@ -209,9 +209,13 @@ def read_jsonl(path, check=None):
     return records
 
 
+def jsonl_text(records):
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
 def write_jsonl(path, records):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    text = jsonl_text(records)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 

@@ -32,7 +32,6 @@ from tqdm import tqdm
 import checks
 import data
 import evaluate
-from data import atomic_write
 from model import resolve_checkpoint, weight_files
 
 SEED = 0     # chunk k samples with seed SEED * 1_000_003 + k
@@ -83,9 +82,9 @@ def teacher_responses(teacher, tokenizer, records, needed, where, provenance, ma
         dist.barrier()  # everyone has read the file before rank 0 trims or extends it
     if len(answered) < to_answer and rank == 0:
         where.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answered)
+        text = data.jsonl_text(answered)
         if not path.is_file() or path.read_text(encoding="utf-8") != text:  # a torn last line or half a chunk
-            atomic_write(str(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+            data.atomic_write(str(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         write_provenance(meta, provenance, answered)
     todo = list(range(len(answered) // CHUNK, math.ceil(to_answer / CHUNK)))
     bar = tqdm(total=to_answer - len(answered), desc="teacher responses", disable=rank != 0 or not todo)
@@ -100,7 +99,7 @@ def teacher_responses(teacher, tokenizer, records, needed, where, provenance, ma
         answered += new
         if rank == 0:
             with open(path, "a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
+                f.write(data.jsonl_text(new))
                 f.flush()
                 os.fsync(f.fileno())
             write_provenance(meta, provenance, answered)
@@ -150,7 +149,7 @@ def check_provenance(cached, this_run, meta):
 def write_provenance(meta, provenance, answered):
     counts = {"n_prompts": len(answered), "empty": sum(not r["output"][0] for r in answered),
               "no_eos": sum(not r.get("teacher_eos", True) for r in answered)}
-    atomic_write(str(meta), lambda tmp: Path(tmp).write_text(json.dumps({**provenance, **counts}, indent=1)))
+    data.atomic_write(str(meta), lambda tmp: Path(tmp).write_text(json.dumps({**provenance, **counts}, indent=1)))
 
 
 def main(argv=None):
