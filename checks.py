@@ -79,11 +79,11 @@ def benchmarks(flag, text, data_dir, split="test"):
 
 def checkpoint(flag, name):
     """A checkpoint directory that exists and holds a readable config.json and weights, or a hub id (checked when
-    it is downloaded). A path that looks local but does not exist is not sent to the hub."""
+    it is downloaded). A path that looks local but does not exist is not sent to the hub. Returns how many positions
+    the checkpoint's config allows (None for a hub id: not known before it is downloaded)."""
     if os.path.isdir(name):
-        config = os.path.join(name, "config.json")
         try:
-            json.loads(open(config, encoding="utf-8").read())
+            config = json.loads(open(os.path.join(name, "config.json"), encoding="utf-8").read())
         except FileNotFoundError:
             fail(f"{flag} {name}: no config.json in that directory")
         except (ValueError, UnicodeDecodeError) as e:
@@ -92,17 +92,10 @@ def checkpoint(flag, name):
             weight_files(os.listdir(name), name)
         except FileNotFoundError as e:
             fail(f"{flag} {e}")
-    elif looks_local(name):
+        return config.get("n_positions") or config.get("max_position_embeddings")
+    if looks_local(name):
         fail(f"{flag} {name}: no such directory")
-
-
-def positions(name):
-    """How many positions a local checkpoint's config.json allows (None: not known before it is loaded)."""
-    config = os.path.join(name, "config.json")
-    if not os.path.isfile(config):
-        return None
-    hf = json.loads(open(config, encoding="utf-8").read())
-    return hf.get("n_positions") or hf.get("max_position_embeddings")
+    return None
 
 
 def writable(flag, path):

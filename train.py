@@ -38,10 +38,11 @@ import responses
 from losses import HPARAMS, LOSSES, ce_loss, check_objective, distill_loss_chunked
 from model import GPT, GPTConfig
 
-# From-scratch model sizes for the toy benchmark (byte vocabulary, 512 positions); "scratch:<layers>x<width>"
+# From-scratch model sizes for the toy benchmark (byte vocabulary, SCRATCH_POSITIONS); "scratch:<layers>x<width>"
 # builds any other size with 48-dim heads.
 SIZES = {"toy-teacher": dict(n_layer=4, n_head=2, n_embd=128), "toy-student": dict(n_layer=2, n_head=2, n_embd=96),
          "toy-tiny": dict(n_layer=1, n_head=2, n_embd=32)}
+SCRATCH_POSITIONS = 512
 
 # The paper's setting (GPT-2 XL -> GPT-2 on Dolly, METHOD.md section 4) is the default of every flag below. A
 # preset overrides some of them, and a flag given on the command line overrides both. `--help` prints this table.
@@ -179,9 +180,9 @@ def check_args(args):
         if is_scratch(name):
             if name.startswith("scratch:") and not re.fullmatch(r"scratch:[1-9]\d*x[1-9]\d*", name):
                 checks.fail(f"{flag} {name}: write a from-scratch size as scratch:<layers>x<width>, e.g. scratch:4x128")
+            positions = SCRATCH_POSITIONS
         else:
-            checks.checkpoint(flag, name)
-        positions = 512 if is_scratch(name) else checks.positions(name)
+            positions = checks.checkpoint(flag, name)
         if positions and args.max_len > positions:
             checks.fail(f"--max-len {args.max_len} exceeds {flag} {name}'s {positions} positions")
         if positions and args.max_prompt_len + args.valid_max_new_tokens > positions:
@@ -232,8 +233,8 @@ def load_model(name, dtype, device, vocab_size=257):
             size = dict(n_layer=layers, n_embd=width, n_head=max(1, width // 48))
         else:
             size = SIZES[name]
-        cfg = GPTConfig(vocab_size=vocab_size, n_positions=512, ffn_dim=4 * size["n_embd"], bos_token_id=vocab_size - 1,
-                        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **size)
+        cfg = GPTConfig(vocab_size=vocab_size, n_positions=SCRATCH_POSITIONS, ffn_dim=4 * size["n_embd"],
+                        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **size)
         return GPT(cfg).to(device=device, dtype=dtype)
     return GPT.from_pretrained(name, dtype=dtype, device=device)
 
