@@ -153,7 +153,8 @@ class GPT(nn.Module):
                  no_repeat_ngram_size=0, eos_token_id=None, generator=None):
         """Sample up to max_new_tokens after left-padded prompts (B, T0) -> the new tokens only (B, <=N).
         temperature=0 is greedy. A finished row is padded with EOS; the loop ends when every row has emitted EOS.
-        `generator` (a torch.Generator on the model's device) makes sampling reproducible."""
+        `generator` (a torch.Generator on the model's device, or a list of one per row) makes sampling
+        reproducible."""
         B, T0 = input_ids.shape
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         if bool((attention_mask.sum(1) + max_new_tokens > self.cfg.n_positions).any()):
@@ -253,7 +254,10 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     # CPU speed-up: inverse-CDF sampling, one uniform number per row (torch.multinomial: several times slower)
     cdf = logits.softmax(-1).cumsum_(-1)
-    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    if isinstance(generator, (list, tuple)):  # one generator per row: a row's draws do not depend on its batch
+        u = torch.cat([torch.rand(1, 1, generator=g, device=cdf.device) for g in generator]) * cdf[:, -1:]
+    else:
+        u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)  # zero-mass tokens never won
 
 

@@ -91,6 +91,9 @@ def build_parser():
         p.add_argument(f"--{name}", type=float, help=f"hyper-parameter of {takes} (default: the objective's)")
     p.add_argument("--kd-ratio", type=float, default=1.0, help="loss = (1 - r) CE + r KD (1: pure distillation)")
     p.add_argument("--tau-sq", action="store_true", help="multiply the KD loss by tau^2 (Hinton); off in the paper")
+    p.add_argument("--student-gen-ratio", type=float, default=0.0,
+                   help="beyond the paper: the share of steps whose KD loss is taken on the student's own sampled "
+                   "responses to the batch's prompts (on-policy, as TRL's GKD lmbda); 0: the paper's off-policy")
     p.add_argument("--teacher", default="MiniLLM/teacher-gpt2-1.5B", help="hub id or checkpoint directory "
                    "(default: GPT-2 XL fine-tuned on Dolly, as published by MiniLLM)")
     p.add_argument("--student", default="gpt2", help="hub id, checkpoint directory, or a from-scratch size: "
@@ -166,12 +169,15 @@ def check_args(args):
     hparams = {k: getattr(args, k) for k in HPARAMS if getattr(args, k) is not None}
     if args.mode == "kd":
         checks.finite("--kd-ratio", args.kd_ratio, low=0, high=1)
+        checks.finite("--student-gen-ratio", args.student_gen_ratio, low=0, high=1)
         try:
             check_objective(args.loss, args.tau, **hparams)
         except ValueError as e:
             checks.fail(f"--loss {args.loss} --tau {args.tau:g}: {e}")
     elif hparams:
         checks.fail(f"--{next(iter(hparams))} is a KD hyper-parameter: --mode sft takes none")
+    elif args.student_gen_ratio:
+        checks.fail("--student-gen-ratio is a KD setting: --mode sft trains on the data's responses")
     to_make = {f"{out}/best": stage[stage.index("--student") + 1] for out, stage in toy_stages_to_make(args)}
     for flag, name in (("--student", args.student), *((("--teacher", args.teacher),) if args.mode == "kd" else ())):
         if not name:
@@ -289,41 +295,52 @@ def gradient_sync(model, enabled):
         yield
 
 
-def loss_step(args, student, teacher, input_ids, attention_mask, labels, autocast):
-    """One micro-batch -> (ce, kd): the student's next-token cross-entropy and its KD loss against the frozen
-    teacher, each summed over the response tokens (kd is None in SFT). CE keeps a gradient only when the mix
-    uses it (kd_ratio < 1); in pure KD it is computed for the log."""
-    teacher_logits = None
-    if teacher is not None:
-        with torch.no_grad(), autocast():
-            teacher_logits = teacher(input_ids, attention_mask)                            # (b, T, V), frozen
-    with autocast():
+def loss_step(args, student, teacher, batch, autocast, kd_batch=None):
+    """One micro-batch -> (ce, kd): the student's next-token cross-entropy on the batch's fixed responses and its
+    KD loss against the frozen teacher, each summed over response tokens (kd is None in SFT). KD is taken on
+    `kd_batch` when one is given (on-policy: the student's own responses to the same prompts), else on `batch`.
+    CE keeps a gradient only when the mix uses it (kd_ratio < 1); in pure KD it is computed for the log."""
+    input_ids, attention_mask, labels = batch
+    with autocast(), torch.set_grad_enabled(kd_batch is None or args.kd_ratio < 1):
         student_logits = student(input_ids, attention_mask)                                # (b, T, V)
-    if teacher_logits is None:
+    if teacher is None:
         return ce_loss(student_logits, labels, reduction="sum"), None
-    kd = distill_loss_chunked(args.loss, student_logits, teacher_logits, labels, tau=args.tau, tau_sq=args.tau_sq,
-                              reduction="sum", **{k: getattr(args, k) for k in HPARAMS})  # None: the default
     with torch.set_grad_enabled(args.kd_ratio < 1):
         ce = ce_loss(student_logits if args.kd_ratio < 1 else student_logits.detach(), labels, reduction="sum")
+    if kd_batch is not None:  # on-policy: the student reads its own response, and the teacher grades it
+        input_ids, attention_mask, labels = kd_batch
+        with autocast():
+            student_logits = student(input_ids, attention_mask)                            # (b, T', V)
+    with torch.no_grad(), autocast():
+        teacher_logits = teacher(input_ids, attention_mask)                                # (b, T, V), frozen
+    kd = distill_loss_chunked(args.loss, student_logits, teacher_logits, labels, tau=args.tau, tau_sq=args.tau_sq,
+                              reduction="sum", **{k: getattr(args, k) for k in HPARAMS})  # None: the default
     return ce, kd
 
 
 def train_step(args, student, teacher, micro_batches, optimizer, lr, world_size, autocast):
     """Forward/backward every micro-batch of this process, then one clipped AdamW step. Returns log values.
 
-    The loss of a step is the token mean over the whole global batch: each micro-batch's *sum* is divided by
-    the global number of response tokens, so the result does not depend on how the batch is split into
+    Each loss of a step is the token mean over the whole global batch: each micro-batch's *sum* is divided by
+    the global number of tokens it is taken on, so the result does not depend on how the batch is split into
     micro-batches or processes. (DDP averages gradients over processes, hence the factor world_size.)"""
-    n_tokens = torch.tensor(float(sum(int((labels != -100).sum()) for _, _, labels in micro_batches)))
+    def tokens(batches):  # response tokens (labels) in these batches
+        return torch.tensor(float(sum(int((labels != -100).sum()) for _, _, labels in batches)))
+    n_ce = tokens(batch for batch, _ in micro_batches)  # CE's: the fixed responses
+    n_kd = tokens(kd_batch or batch for batch, kd_batch in micro_batches)  # KD's: the fixed or the sampled ones
     if world_size > 1:
-        dist.all_reduce(n_tokens)
+        dist.all_reduce(n_ce)
+        dist.all_reduce(n_kd)
     sums = {"ce": 0.0, "kd": 0.0}
-    for i, batch in enumerate(micro_batches):
+    for i, (batch, kd_batch) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with gradient_sync(student, last or world_size == 1):  # one gradient all-reduce per step, after the last
-            ce, kd = loss_step(args, student, teacher, *batch, autocast)
-            loss = ce if kd is None else (1 - args.kd_ratio) * ce + args.kd_ratio * kd  # the mix (kd_ratio = 1: KD)
-            (loss * world_size / n_tokens.clamp(min=1)).backward()
+            ce, kd = loss_step(args, student, teacher, batch, autocast, kd_batch=kd_batch)
+            if kd is None:  # SFT
+                loss = ce / n_ce.clamp(min=1)
+            else:  # the mix (kd_ratio = 1: pure KD)
+                loss = (1 - args.kd_ratio) * ce / n_ce.clamp(min=1) + args.kd_ratio * kd / n_kd.clamp(min=1)
+            (loss * world_size).backward()
         sums["ce"] += ce.item()
         sums["kd"] += kd.item() if kd is not None else 0.0
     for group in optimizer.param_groups:
@@ -338,10 +355,38 @@ def train_step(args, student, teacher, micro_batches, optimizer, lr, world_size,
     logged = torch.tensor([sums["ce"], sums["kd"]])
     if world_size > 1:
         dist.all_reduce(logged)
-    ce_mean, kd_mean = (logged / n_tokens.clamp(min=1)).tolist()
+    ce_mean, kd_mean = (logged / torch.stack([n_ce, n_kd]).clamp(min=1)).tolist()
     total = ce_mean if args.mode == "sft" else (1 - args.kd_ratio) * ce_mean + args.kd_ratio * kd_mean
     return {"ce": ce_mean, "kd": kd_mean if args.mode == "kd" else None, "loss": total, "lr": lr,
-            "grad_norm": float(grad_norm), "tokens": int(n_tokens)}
+            "grad_norm": float(grad_norm), "tokens": int(n_kd)}
+
+
+# ====================================================================================================================
+# Beyond the paper: on-policy steps (--student-gen-ratio), where the student answers the batch's prompts itself
+
+
+def is_on_policy(seed, step, student_gen_ratio):
+    """One seeded draw per global batch. It is a function of (seed, step) alone, so every process draws the same,
+    and the step saved in last.pt is all a resumed run needs to draw the same again."""
+    return student_gen_ratio > 0 and random.Random(seed * 1_000_003 + step).random() < student_gen_ratio
+
+
+def student_responses(model, examples, example_ids, seed, step, max_new_tokens, eos_id, pad_id):
+    """The student's own response to each example's prompt -> [(prompt_ids, response_ids + [EOS])], like the
+    fixed examples. Sampled without gradient at temperature 1 (the protocol's decoding, no n-gram block), cut at
+    EOS. Each row draws from its own generator, seeded by (seed, step, example index), so a response does not
+    depend on which process or micro-batch its example falls in."""
+    device = next(model.parameters()).device
+    prompts = [prompt for prompt, _ in examples]
+    input_ids, attention_mask = data.collate_prompts(prompts, pad_id)
+    generators = [torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 100_003 + i) for i in example_ids]
+    was_training = model.training
+    with torch.no_grad():
+        new = model.eval().generate(input_ids.to(device), attention_mask.to(device), max_new_tokens=max_new_tokens,
+                                    eos_token_id=eos_id, generator=generators)
+    model.train(was_training)
+    cut = [tokens[:tokens.index(eos_id) + 1] if eos_id in tokens else tokens for tokens in new.tolist()]
+    return [(prompt, tokens) for prompt, tokens in zip(prompts, cut)]
 
 
 # ====================================================================================================================
@@ -383,11 +428,28 @@ def load_run(args, rank, world_size, device, teacher_dtype):
     return tokenizer, student, teacher, train_set, valid, valid_set
 
 
-def micro_batches_of(train_set, examples, micro_batch_size, pad_id, device):
-    """This process's examples of one step -> [(input_ids, attention_mask, labels)], one per micro-batch."""
-    return [tuple(t.to(device) for t in data.collate_train([train_set[i] for i in examples[j:j + micro_batch_size]],
-                                                           pad_id))
-            for j in range(0, len(examples), micro_batch_size)]
+def on_policy_stats(sampled, state, world_size):
+    """What the log says of on-policy training: was this step on-policy, the share of such steps so far (counted
+    in `state`, so in last.pt), and the mean length in tokens of the sampled responses (EOS included)."""
+    state["on_policy_steps"] = state.get("on_policy_steps", 0) + (sampled is not None)
+    lengths = torch.tensor([float(sum(len(r) for _, r in sampled or [])), float(len(sampled or []))])
+    if world_size > 1:
+        dist.all_reduce(lengths)
+    return {"on_policy": sampled is not None, "on_policy_share": state["on_policy_steps"] / (state["step"] + 1),
+            "sampled_len": float(lengths[0] / lengths[1]) if lengths[1] else None}
+
+
+def micro_batches_of(examples, sampled, micro_batch_size, pad_id, device):
+    """This process's examples of one step -> [(batch, kd_batch)], one per micro-batch, each batch
+    (input_ids, attention_mask, labels). kd_batch is None off-policy (KD is taken on the batch), and on an
+    on-policy step the `sampled` responses to the same prompts, collated the same way."""
+    def collate(chunk):
+        return tuple(t.to(device) for t in data.collate_train(chunk, pad_id))
+    micro_batches = []
+    for j in range(0, len(examples), micro_batch_size):
+        batch = collate(examples[j:j + micro_batch_size])
+        micro_batches.append((batch, None if sampled is None else collate(sampled[j:j + micro_batch_size])))
+    return micro_batches
 
 
 def train(args):
@@ -424,15 +486,25 @@ def train(args):
             epoch = state["epoch"]
             order = epoch_order(len(train_set), epoch, args.seed, rank, world_size)
             for step_in_epoch in range(state["step"] - epoch * steps_per_epoch, steps_per_epoch):
-                this_process = order[step_in_epoch * per_process:(step_in_epoch + 1) * per_process]  # examples
-                micro_batches = micro_batches_of(train_set, this_process, micro_batch_size, tokenizer.pad_id, device)
+                this_process = order[step_in_epoch * per_process:(step_in_epoch + 1) * per_process]  # indices
+                examples = [train_set[i] for i in this_process]
+                sampled = None
+                if args.mode == "kd" and is_on_policy(args.seed, state["step"], args.student_gen_ratio):
+                    sampled = student_responses(student.for_sampling(), examples, this_process, args.seed,
+                                                state["step"], args.max_len - args.max_prompt_len,
+                                                tokenizer.eos_id, tokenizer.pad_id)
+                micro_batches = micro_batches_of(examples, sampled, micro_batch_size, tokenizer.pad_id, device)
                 lr = cosine_lr(state["step"], total_steps, args.lr, args.min_lr)
                 stats = train_step(args, student.trained, teacher, micro_batches, optimizer, lr, world_size, autocast)
+                if args.student_gen_ratio:
+                    stats.update(on_policy_stats(sampled, state, world_size))
                 state["step"] += 1
                 elapsed, step_started = time.time() - step_started, time.time()
-                stats["tokens_per_s"] = sum(int(m[1].sum()) for m in micro_batches) * world_size / max(elapsed, 1e-9)
+                tokens = sum(int(b[1].sum()) for batch, kd_batch in micro_batches for b in (batch, kd_batch) if b)
+                stats["tokens_per_s"] = tokens * world_size / max(elapsed, 1e-9)
                 bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{stats['tokens_per_s']:.0f}",
+                                **({"on_policy": f"{stats['on_policy_share']:.2f}"} if args.student_gen_ratio else {}))
                 if is_main and (state["step"] % args.log_every == 0 or state["step"] == stop_at):
                     log.write(json.dumps({"step": state["step"], "epoch": epoch, **stats}) + "\n")
                     log.flush()
@@ -579,9 +651,9 @@ def save_checkpoint(path, args, state, student, optimizer, is_main):
     data.atomic_write(str(path), lambda tmp: torch.save(checkpoint, tmp))
 
 
-RESUME_MUST_MATCH = ("mode", "loss", "tau", "kd_ratio", "tau_sq", *HPARAMS, "teacher", "student", "data", "responses",
-                     "teacher_fingerprint", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "seed",
-                     "train_examples")
+RESUME_MUST_MATCH = ("mode", "loss", "tau", "kd_ratio", "tau_sq", *HPARAMS, "student_gen_ratio", "teacher",
+                     "student", "data", "responses", "teacher_fingerprint", "epochs", "batch_size", "lr", "min_lr",
+                     "weight_decay", "seed", "train_examples")
 
 
 def load_checkpoint(path, args, student, optimizer):
@@ -590,10 +662,11 @@ def load_checkpoint(path, args, student, optimizer):
     except Exception as e:  # truncated, or not a checkpoint at all
         raise SystemExit(f"error: {path} is not a readable checkpoint (truncated or corrupt?): delete it and start "
                          f"again, or restore it ({' '.join(str(e).split())[:200]})")
-    changed = [k for k in RESUME_MUST_MATCH if checkpoint["args"].get(k) != getattr(args, k)]
+    saved = {"student_gen_ratio": 0.0, **checkpoint["args"]}  # a last.pt from before the flag: off-policy
+    changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(args, k)]
     if changed:
         raise SystemExit(f"error: --resume with different settings than {path} was written with: "
-                         + ", ".join(f"{k}={checkpoint['args'].get(k)!r} -> {getattr(args, k)!r}" for k in changed))
+                         + ", ".join(f"{k}={saved.get(k)!r} -> {getattr(args, k)!r}" for k in changed))
     try:
         student.load_state_dicts(checkpoint, optimizer)
     except RuntimeError as e:  # e.g. a last.pt from before model.Linear stored its weights (in, out)
@@ -636,6 +709,15 @@ class Student:
         else:
             self.raw.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
+
+    def for_sampling(self):
+        """A plain model with the current weights on this process, to sample from (under FSDP a gathered copy, on
+        every process: generation stops when its own rows end, so it cannot run in lock step through FSDP)."""
+        if not self.sharded:
+            return self.raw
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(self.trained, options=StateDictOptions(full_state_dict=True))
+        return clone_from_state(self.raw, state)
 
     def whole(self, is_main):
         """A plain model to validate and save on rank 0 (under FSDP a gathered copy; every process must call)."""
