@@ -7,12 +7,15 @@
 #   PRESET=toy RESPONSES=dataset bash sweep.sh     # the same grid on the dataset's responses, into runs/toy-dataset
 #   PRESET=opt NPROC=8 LOSSES="fkl rkl" TAUS="1 3" bash sweep.sh
 #   DRY_RUN=1 bash sweep.sh                        # print every command, run nothing
+#   PRESET=toy STUDENT_GEN_RATIO=0.5 LOSSES="fkl rkl" TAUS="1 2 3" bash sweep.sh   # beyond the paper: on-policy
 #
 # Finished runs (best/eval/results.json present) are skipped and interrupted ones resumed, so the same command
 # continues an interrupted sweep. EXTRA="--micro-batch-size 4" passes flags to every train.py call.
 # RESPONSES=teacher (the paper's setting, default) trains on the teacher's responses: the first run samples them
 # once (shared out over its NPROC processes) into data/responses/, and every later run reads that file; runs are
 # sequential, so none races to make them.
+# STUDENT_GEN_RATIO (default 0, the paper's off-policy setting) is train.py's --student-gen-ratio: the share of steps
+# whose KD loss is taken on the student's own sampled responses; its runs go to runs/<preset>-gen<ratio>.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)   # run directories are relative to where you call it from, as for train.py
 
@@ -23,11 +26,20 @@ LOSSES=${LOSSES:-"fkl rkl sym js sfkl srkl akl ab drkl tvd"}
 TAUS=${TAUS:-"1 1.5 2 2.5 3 3.5 4"}
 TAU1_ONLY=${TAU1_ONLY:-"ab drkl"}          # the paper reports these at tau = 1 only
 RESPONSES=${RESPONSES:-teacher}
+STUDENT_GEN_RATIO=${STUDENT_GEN_RATIO:-0}
+[[ "$STUDENT_GEN_RATIO" =~ ^(0*\.[0-9]+|0+(\.[0-9]*)?|1(\.0*)?)$ ]] ||
+  fail "STUDENT_GEN_RATIO must be a number in [0, 1], got '$STUDENT_GEN_RATIO'"
 case "$RESPONSES" in
-  teacher) RUNS=${RUNS:-runs/$PRESET} ;;
-  dataset) RUNS=${RUNS:-runs/$PRESET-dataset} ;;
+  teacher) RUNS_NAME=runs/$PRESET ;;
+  dataset) RUNS_NAME=runs/$PRESET-dataset ;;
   *) fail "RESPONSES must be teacher or dataset, got '$RESPONSES'" ;;
 esac
+GEN=()
+if [[ ! "$STUDENT_GEN_RATIO" =~ ^[0.]+$ ]]; then  # on-policy steps: a grid of its own
+  GEN=(--student-gen-ratio "$STUDENT_GEN_RATIO")
+  RUNS_NAME=$RUNS_NAME-gen$STUDENT_GEN_RATIO
+fi
+RUNS=${RUNS:-$RUNS_NAME}
 EXTRA=${EXTRA:-}
 PYTHON=${PYTHON:-python}
 # Each preset's teacher and student (train.py's PRESETS; tests/test_train.py checks the two agree), benchmarks,
@@ -81,7 +93,8 @@ for seed in $SEEDS; do
         # train.py evaluates best/ itself when it finishes (one process start less per run)
         # shellcheck disable=SC2086
         run "${LAUNCH[@]}" "$HERE/train.py" --preset "$PRESET" --loss "$loss" --tau "$tau" --seed "$seed" --out "$out" \
-          --responses "$RESPONSES" --eval-benchmarks "$BENCHMARKS" --eval-seeds "$EVAL_SEEDS" "${resume[@]}" $EXTRA
+          --responses "$RESPONSES" --eval-benchmarks "$BENCHMARKS" --eval-seeds "$EVAL_SEEDS" "${GEN[@]}" "${resume[@]}" \
+          $EXTRA
       fi
       evaluate "$out/best"  # a run trained earlier without its evaluation
     done

@@ -156,7 +156,8 @@ def test_bad_input_stops_at_the_door_with_one_line(entry, argv, names, world, tm
                                         (dict(TAUS="1 0"), "TAUS: '0' is not a number > 0"),
                                         (dict(TAUS="1 x"), "TAUS: 'x' is not a number > 0"),
                                         (dict(SEEDS="1 x"), "SEEDS: 'x' is not a whole number"),
-                                        (dict(RESPONSES="teachers"), "RESPONSES must be teacher or dataset")])
+                                        (dict(RESPONSES="teachers"), "RESPONSES must be teacher or dataset"),
+                                        (dict(STUDENT_GEN_RATIO="1.5"), "STUDENT_GEN_RATIO must be a number in [0, 1]")])
 def test_sweep_checks_its_settings_before_the_first_run_also_in_a_dry_run(env, names, tmp_path):
     env = {**os.environ, "DRY_RUN": "1", "PRESET": "toy", "RUNS": str(tmp_path / "runs"), **env}
     result = subprocess.run(["bash", os.path.join(ROOT, "sweep.sh")], env=env, capture_output=True, text=True,

@@ -1,11 +1,14 @@
 """--student-gen-ratio (beyond the paper): on-policy steps, where KD is taken on the student's own responses."""
 import json
+import os
+import subprocess
 
 import pytest
 import torch
 
 import data
 import train
+from conftest import ROOT
 from model import GPT
 from test_train import TINY, assert_trained, make_teacher, run_torchrun, weights
 
@@ -122,3 +125,14 @@ def test_a_ratio_outside_zero_one_is_refused_at_the_door(value):
 def test_sft_takes_no_ratio():
     with pytest.raises(SystemExit, match="--student-gen-ratio is a KD setting"):
         train.parse_args(["--preset", "toy", "--mode", "sft", "--student", "toy-tiny", "--student-gen-ratio", "0.5"])
+
+
+def test_sweep_puts_an_on_policy_grid_in_its_own_directory(tmp_path):
+    env = dict(os.environ, DRY_RUN="1", PRESET="toy", LOSSES="fkl rkl", TAUS="1 2", SEEDS="1", STUDENT_GEN_RATIO="0.5")
+    result = subprocess.run(["bash", os.path.join(ROOT, "sweep.sh")], env=env, capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    trained = [line for line in result.stdout.splitlines() if "/train.py " in line]
+    assert len(trained) == 4 and all("--student-gen-ratio 0.5" in line and " --out runs/toy-gen0.5/" in line
+                                     for line in trained)
+    assert result.stdout.splitlines()[-1].endswith("summarize runs/toy-gen0.5")
