@@ -1,14 +1,14 @@
 """The paper's gradient analysis on real logits: what the KD temperature does to FKL and RKL.
 
-    python analysis.py --teacher runs/toy/teacher/best --student runs/toy/student-init/best --data toy
+    python analysis.py --teacher runs/toy/teacher/best --student runs/toy/student-init/best
 
 On teacher-forced training sequences, at every response position and for every tau:
   - the teacher's non-target mass 1 - p_t under p^tau (the "dark knowledge" tau exposes);
-  - the FKL gradient (Eq. 2)  g = (q - p) / tau  and the RKL gradient (Eq. 4)  g = q (D - E_q[D]) / tau^2,
-    D = z_s - z_t, each split into its target entry and its non-target entries (L2 norms);
+  - the FKL gradient (Eq. 2)  g = (q - p) / tau  and the RKL gradient (Eq. 4)  g = q (D - E_q[D]) /
+    tau^2, D = z_s - z_t, each split into its target entry and its non-target entries (L2 norms);
   - the cosine similarity of the two gradients;
-  - Prop. 2.1: with logits centred over the vocabulary, tau^2 g tends to (z_s - z_t) / V for both; we report
-    || tau^2 g - D_c / V || / || D_c / V ||.
+  - Prop. 2.1: with logits centred over the vocabulary, tau^2 g tends to (z_s - z_t) / V for both;
+    we report || tau^2 g - D_c / V || / || D_c / V ||.
 Writes analysis.md (a table) and analysis.png next to --out.
 """
 import argparse
@@ -38,11 +38,13 @@ def kd_gradients(student_logits, teacher_logits, tau):
 
 
 def gradient_stats(student_logits, teacher_logits, targets, tau):
-    """Means over positions of the quantities in the module docstring, for one tau. Logits (N, V), targets (N,)."""
+    """Means over positions of the quantities in the module docstring, for one tau. Logits (N, V),
+    targets (N,)."""
     fkl, rkl = kd_gradients(student_logits, teacher_logits, tau)
     is_target = torch.zeros_like(fkl, dtype=torch.bool).scatter(-1, targets[:, None], True)
     p_t = (teacher_logits.double() / tau).softmax(-1).gather(-1, targets[:, None])[:, 0]
-    split = lambda g: (g.gather(-1, targets[:, None])[:, 0].abs(), g.masked_fill(is_target, 0).norm(dim=-1))
+    split = lambda g: (g.gather(-1, targets[:, None])[:, 0].abs(),
+                       g.masked_fill(is_target, 0).norm(dim=-1))
     (fkl_t, fkl_nt), (rkl_t, rkl_nt) = split(fkl), split(rkl)
     cosine = torch.nn.functional.cosine_similarity(fkl, rkl, dim=-1)
     V = student_logits.shape[-1]
@@ -54,18 +56,20 @@ def gradient_stats(student_logits, teacher_logits, targets, tau):
     return {"tau": tau, "teacher_non_target_mass": mean(1 - p_t),
             "fkl_target": mean(fkl_t), "fkl_non_target": mean(fkl_nt),
             "rkl_target": mean(rkl_t), "rkl_non_target": mean(rkl_nt),
-            "cosine_fkl_rkl": mean(cosine), "prop21_gap_fkl": mean(gap(fkl_c)), "prop21_gap_rkl": mean(gap(rkl_c))}
+            "cosine_fkl_rkl": mean(cosine), "prop21_gap_fkl": mean(gap(fkl_c)),
+            "prop21_gap_rkl": mean(gap(rkl_c))}
 
 
 @torch.no_grad()
 def response_logits(teacher, student, tokenizer, records, batch_size=16):
-    """Teacher and student logits (N, V) at every response position of the records, and the targets (N,)."""
+    """Teacher and student logits (N, V) at every response position of the records, and the targets
+    (N,)."""
     encoded = data.encode_dataset(tokenizer, records, where="analysis")
     device = next(student.parameters()).device
     zs, zt, targets = [], [], []
     for start in range(0, len(encoded), batch_size):
-        input_ids, mask, labels = (t.to(device) for t in data.collate_train(encoded[start:start + batch_size],
-                                                                             tokenizer.pad_id))
+        batch = data.collate_train(encoded[start:start + batch_size], tokenizer.pad_id)
+        input_ids, mask, labels = (t.to(device) for t in batch)
         keep = labels != -100
         zs.append(student(input_ids, mask)[keep].cpu())
         zt.append(teacher(input_ids, mask)[keep].cpu())
@@ -74,26 +78,32 @@ def response_logits(teacher, student, tokenizer, records, batch_size=16):
 
 
 def table(rows):
-    header = ["τ", "teacher non-target mass", "FKL ‖g‖ target", "FKL ‖g‖ non-target", "RKL ‖g‖ target",
+    header = ["τ", "teacher non-target mass", "FKL ‖g‖ target", "FKL ‖g‖ non-target",
+              "RKL ‖g‖ target",
               "RKL ‖g‖ non-target", "cos(FKL, RKL)", "Prop 2.1 gap FKL", "Prop 2.1 gap RKL"]
-    keys = ["tau", "teacher_non_target_mass", "fkl_target", "fkl_non_target", "rkl_target", "rkl_non_target",
+    keys = ["tau", "teacher_non_target_mass", "fkl_target", "fkl_non_target", "rkl_target",
+            "rkl_non_target",
             "cosine_fkl_rkl", "prop21_gap_fkl", "prop21_gap_rkl"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[k]:g}" if k == "tau" else f"{r[k]:.4g}" for k in keys) + " |")
+        cells = (f"{r[k]:g}" if k == "tau" else f"{r[k]:.4g}" for k in keys)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     from model import GPT
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True)
     p.add_argument("--student", required=True)
-    p.add_argument("--data", default="toy", help="benchmark whose training split provides the sequences")
+    p.add_argument("--data", default="toy",
+                   help="benchmark whose training split provides the sequences")
     p.add_argument("--data-dir", default=data.DATA_DIR)
     p.add_argument("--examples", type=int, default=64)
     p.add_argument("--taus", default=",".join(f"{t:g}" for t in TAUS))
-    p.add_argument("--out", default=None, help="folder for analysis.md / analysis.png (default: the student's)")
+    p.add_argument("--out", default=None,
+                   help="folder for analysis.md / analysis.png (default: the student's)")
     args = p.parse_args(argv)
     for flag in ("--teacher", "--student"):  # the door (checks.py)
         checks.checkpoint(flag, getattr(args, flag[2:]))
@@ -116,8 +126,8 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     text = table(rows)
     with open(os.path.join(out, "analysis.md"), "w") as f:
-        f.write(f"Gradient analysis on {len(targets)} response tokens of {args.data} (teacher {args.teacher}, "
-                f"student {args.student})\n\n{text}\n")
+        f.write(f"Gradient analysis on {len(targets)} response tokens of {args.data} (teacher "
+                f"{args.teacher}, student {args.student})\n\n{text}\n")
     with open(os.path.join(out, "analysis.json"), "w") as f:
         json.dump(rows, f, indent=1)
     plots.gradient_analysis(rows, os.path.join(out, "analysis.png"))

@@ -1,10 +1,11 @@
-"""The door: each command line (train.py, evaluate.py, responses.py, analysis.py, data.py) is checked here, once,
-right after argparse and before any model or dataset loads. Bad input stops with one line that names the flag or
-file, never a traceback and never a run that trains on nonsense and exits 0.
+"""The door: each command line (train.py, evaluate.py, responses.py, analysis.py, data.py) is
+checked here, once, right after argparse and before any model or dataset loads. Bad input stops with
+one line that names the flag or file, never a traceback and never a run that trains on nonsense and
+exits 0.
 
-What only reading a file can show (a truncated weights file, a corrupt last.pt, a bad jsonl line) is raised where
-the file is read, as ValueError / FileNotFoundError with the file named; `run_cli` turns those into the same one
-line (set TEMPKD_TRACEBACK=1 to see the traceback instead).
+What only reading a file can show (a truncated weights file, a corrupt last.pt, a bad jsonl line) is
+raised where the file is read, as ValueError / FileNotFoundError with the file named; `run_cli`
+turns those into the same one line (set TEMPKD_TRACEBACK=1 to see the traceback instead).
 """
 import json
 import math
@@ -12,7 +13,7 @@ import os
 import sys
 
 import data
-from model import looks_local, weight_files
+from hf_files import looks_local, weight_files
 
 
 def fail(message):
@@ -40,8 +41,10 @@ def finite(flag, value, low=None, high=None):
     """A float flag that must be a finite number in [low, high]."""
     if value is None:
         return
-    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}" if low is not None else "finite"
+    too_low, too_high = low is not None and value < low, high is not None and value > high
+    if not math.isfinite(value) or too_low or too_high:
+        bounds = (f"in [{low}, {high}]" if high is not None
+                  else f">= {low}" if low is not None else "finite")
         fail(f"{flag} must be a finite number {bounds}, got {value}")
 
 
@@ -64,7 +67,8 @@ def benchmark(flag, name, data_dir, split=None):
         return
     known = [*data.BENCHMARKS, "toy", "toy-hard"]
     if name not in known:
-        fail(f"{flag}: unknown benchmark {name!r}: choose from {', '.join(known)}, or give a .jsonl file")
+        fail(f"{flag}: unknown benchmark {name!r}: choose from {', '.join(known)}, or give a "
+             ".jsonl file")
     path = os.path.join(data_dir, name, f"{split}.jsonl")
     if split and not name.startswith("toy") and not os.path.isfile(path):
         fail(f"{flag} {name}: {path} is missing: run `python data.py prepare` first")
@@ -78,9 +82,10 @@ def benchmarks(flag, text, data_dir, split="test"):
 
 
 def checkpoint(flag, name):
-    """A checkpoint directory that exists and holds a readable config.json and weights, or a hub id (checked when
-    it is downloaded). A path that looks local but does not exist is not sent to the hub. Returns how many positions
-    the checkpoint's config allows (None for a hub id: not known before it is downloaded)."""
+    """A checkpoint directory that exists and holds a readable config.json and weights, or a hub id
+    (checked when it is downloaded). A path that looks local but does not exist is not sent to the
+    hub. Returns how many positions the checkpoint's config allows (None for a hub id: not known
+    before it is downloaded)."""
     if os.path.isdir(name):
         try:
             config = json.loads(open(os.path.join(name, "config.json"), encoding="utf-8").read())
@@ -108,12 +113,13 @@ def writable(flag, path):
 
 
 def same_vocabulary(teacher_tokenizer, student_tokenizer, teacher_name, student_name):
-    """Token-level KD compares distributions id by id: every id must stand for the same bytes in both tokenizers,
-    and EOS must be the same id."""
+    """Token-level KD compares distributions id by id: every id must stand for the same bytes in
+    both tokenizers, and EOS must be the same id."""
     teacher_table, student_table = teacher_tokenizer.id_to_bytes(), student_tokenizer.id_to_bytes()
     if teacher_table != student_table or teacher_tokenizer.eos_id != student_tokenizer.eos_id:
         differ = sorted(i for i in set(teacher_table) | set(student_table)
                         if teacher_table.get(i) != student_table.get(i))
-        where = f"ids {differ[:3]}{'...' if len(differ) > 3 else ''} differ" if differ else "EOS ids differ"
-        fail(f"teacher {teacher_name} and student {student_name} have incompatible vocabularies ({where}): "
-             "token-level KD needs one shared tokenizer")
+        more = "..." if len(differ) > 3 else ""
+        where = f"ids {differ[:3]}{more} differ" if differ else "EOS ids differ"
+        fail(f"teacher {teacher_name} and student {student_name} have incompatible vocabularies "
+             f"({where}): token-level KD needs one shared tokenizer")

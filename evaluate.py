@@ -1,11 +1,13 @@
-"""Evaluation: sampled responses, ROUGE-L against the references, mean +- std over seeds (METHOD.md section 4).
+"""Evaluation: sampled responses, ROUGE-L against the references, mean +- std over seeds (METHOD.md
+section 4).
 
-    python evaluate.py --model runs/toy/fkl-tau3/best --benchmarks toy,toy-hard --seeds 10,20,30,40,50
-    python evaluate.py --model runs/gpt2/fkl-tau3/best --benchmarks dolly,self-inst,vicuna,sinst,uinst
-    python evaluate.py summarize runs/toy          # Table 1 / Table 2 layout, heatmap and tau curves
+    python evaluate.py --model runs/toy/fkl-tau3/best --benchmarks toy,toy-hard --seeds 10,20,30
+    python evaluate.py --model runs/gpt2/fkl-tau3/best    # dolly, self-inst, vicuna, sinst, uinst
+    python evaluate.py summarize runs/toy    # Table 1 / Table 2 layout, heatmap and tau curves
 
-Decoding follows the protocol: ancestral sampling at decode temperature 1 (not the KD temperature tau: the two
-are separate settings), no top-k, top-p 1, no_repeat_ngram_size 6, at most 256 new tokens.
+Decoding follows the protocol: ancestral sampling at decode temperature 1 (not the KD temperature
+tau: the two are separate settings), no top-k, top-p 1, no_repeat_ngram_size 6, at most 256 new
+tokens.
 """
 import argparse
 import json
@@ -27,19 +29,21 @@ from losses import LOSSES
 PROTOCOL = dict(temperature=1.0, top_k=0, top_p=1.0, no_repeat_ngram_size=6, max_new_tokens=256)
 SEEDS = (10, 20, 30, 40, 50)
 PAPER_AVERAGE = ("dolly", "sinst", "uinst")  # Table 1 averages these three
-# The protocol's n-gram block counts GPT-2 BPE tokens (~4 bytes of English each). With the toy's byte tokenizer,
-# 6 bytes would forbid copying any 6-letter piece of the prompt - a creature's name, say - so the same block
-# there is 6 x 4 = 24 bytes.
+# The protocol's n-gram block counts GPT-2 BPE tokens (~4 bytes of English each). With the toy's
+# byte tokenizer, 6 bytes would forbid copying any 6-letter piece of the prompt - a creature's name,
+# say - so the same block there is 6 x 4 = 24 bytes.
 BYTES_PER_BPE_TOKEN = 4
 
 
 def protocol_ngram_size(tokenizer, tokens=PROTOCOL["no_repeat_ngram_size"]):
-    """no_repeat_ngram_size in this tokenizer's units: as given for BPE, x4 for the byte-level tokenizer."""
+    """no_repeat_ngram_size in this tokenizer's units: as given for BPE, x4 for the byte-level
+    tokenizer."""
     return tokens * BYTES_PER_BPE_TOKEN if tokenizer.byte_level else tokens
 
 
 def decoding_settings(tokenizer, **overrides):
-    """The protocol's decoding settings for this tokenizer, with overrides (e.g. temperature=0: greedy)."""
+    """The protocol's decoding settings for this tokenizer, with overrides (e.g. temperature=0:
+    greedy)."""
     return {**PROTOCOL, "no_repeat_ngram_size": protocol_ngram_size(tokenizer), **overrides}
 
 
@@ -56,17 +60,21 @@ def rouge_l(prediction, references):
 
 
 @torch.no_grad()
-def sample(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256, progress=True, desc="generating",
+def sample(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256, progress=True,
+           desc="generating",
            **decoding):
-    """One sampled continuation per record, in order: (its tokens before the first EOS, whether EOS came before
-    max_new_tokens), decoded with decoding_settings(tokenizer, **decoding). Prompts are sorted by length so
-    batches carry little padding; batch b samples from a generator seeded by (seed, b), so the same seed gives
-    the same samples."""
+    """One sampled continuation per record, in order: (its tokens before the first EOS, whether EOS
+    came before max_new_tokens), decoded with decoding_settings(tokenizer, **decoding). Prompts are
+    sorted by length so batches carry little padding; batch b samples from a generator seeded by
+    (seed, b), so the same seed gives the same samples."""
     decoding = decoding_settings(tokenizer, **decoding)
     device = next(model.parameters()).device
-    encoded = [data.encode_example(tokenizer, r["prompt"], max_prompt_len=max_prompt_len) for r in records]
-    order = sorted((i for i, e in enumerate(encoded) if e is not None), key=lambda i: len(encoded[i][0]))
-    samples = [([], True)] * len(records)  # a prompt that cannot fit gets an empty response, which scores 0
+    encoded = [data.encode_example(tokenizer, r["prompt"],
+                                   max_prompt_len=max_prompt_len) for r in records]
+    order = sorted((i for i, e in enumerate(encoded) if e is not None),
+                   key=lambda i: len(encoded[i][0]))
+    # a prompt that cannot fit gets an empty response, which scores 0
+    samples = [([], True)] * len(records)
     batches = range(0, len(order), batch_size)
     for b, start in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
         rows = order[start:start + batch_size]
@@ -76,25 +84,30 @@ def sample(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256, p
                              generator=generator, **decoding)
         for i, tokens in zip(rows, new.tolist()):
             ended = tokenizer.eos_id in tokens
-            samples[i] = (tokens[: tokens.index(tokenizer.eos_id)] if ended else tokens, ended)  # cut at the first EOS
+            # cut at the first EOS
+            samples[i] = (tokens[: tokens.index(tokenizer.eos_id)] if ended else tokens, ended)
     return samples
 
 
-def generate_responses(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256, progress=True,
+def generate_responses(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256,
+                       progress=True,
                        desc="generating", **decoding):
     """One sampled response per record, in order, as stripped text (see `sample`)."""
-    samples = sample(model, tokenizer, records, seed, batch_size, max_prompt_len, progress, desc, **decoding)
+    samples = sample(model, tokenizer, records, seed, batch_size, max_prompt_len, progress, desc,
+                     **decoding)
     return [tokenizer.decode(tokens).strip() for tokens, _ in samples]
 
 
 def score(records, responses):
     """Mean ROUGE-L over examples; every example counts."""
-    return statistics.fmean(rouge_l(p, r["output"]) for p, r in zip(responses, records)) if records else 0.0
+    return statistics.fmean(rouge_l(p, r["output"]) for p, r in zip(responses,
+                                                                    records)) if records else 0.0
 
 
-def validation_score(model, tokenizer, records, seed=0, greedy=False, batch_size=32, max_new_tokens=256):
-    """ROUGE-L on a validation split, for train.py's per-epoch model selection (sampled, no n-gram blocking,
-    as the reference does during training; greedy=True decodes greedily instead)."""
+def validation_score(model, tokenizer, records, seed=0, greedy=False, batch_size=32,
+                     max_new_tokens=256):
+    """ROUGE-L on a validation split, for train.py's per-epoch model selection (sampled, no n-gram
+    blocking, as the reference does during training; greedy=True decodes greedily instead)."""
     was_training = model.training
     model.eval()
     responses = generate_responses(model, tokenizer, records, seed, batch_size, progress=False,
@@ -104,10 +117,12 @@ def validation_score(model, tokenizer, records, seed=0, greedy=False, batch_size
     return score(records, responses)
 
 
-def evaluate(model, tokenizer, benchmarks, seeds=SEEDS, batch_size=32, out_dir=None, data_dir=data.DATA_DIR,
+def evaluate(model, tokenizer, benchmarks, seeds=SEEDS, batch_size=32, out_dir=None,
+             data_dir=data.DATA_DIR,
              max_examples=None, **decoding):
-    """Score every benchmark over every seed. Writes predictions-<bench>-seed<k>.jsonl and results.json to
-    out_dir when given. Returns {benchmark: {"scores": {seed: rouge}, "mean", "std", "n"}}."""
+    """Score every benchmark over every seed. Writes predictions-<bench>-seed<k>.jsonl and
+    results.json to out_dir when given. Returns {benchmark: {"scores": {seed: rouge}, "mean", "std",
+    "n"}}."""
     results = {}
     for benchmark in benchmarks:
         records = data.load_split(benchmark, "test", data_dir)[:max_examples]
@@ -119,15 +134,19 @@ def evaluate(model, tokenizer, benchmarks, seeds=SEEDS, batch_size=32, out_dir=N
             scores[seed] = statistics.fmean(per_example) if per_example else 0.0
             if out_dir:
                 data.write_jsonl(os.path.join(out_dir, f"predictions-{benchmark}-seed{seed}.jsonl"),
-                                 [{"prompt": r["prompt"], "prediction": p, "references": r["output"], "rougeL": s}
+                                 [{"prompt": r["prompt"], "prediction": p,
+                                   "references": r["output"], "rougeL": s}
                                   for r, p, s in zip(records, responses, per_example)])
         values = list(scores.values())
         results[benchmark] = {"scores": scores, "mean": statistics.fmean(values),
-                              "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(records)}
+                              "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                              "n": len(records)}
     if out_dir:
         settings = decoding_settings(tokenizer, **decoding)
-        payload = json.dumps({"benchmarks": results, "decoding": settings, "seeds": list(seeds)}, indent=1)
-        data.atomic_write(os.path.join(out_dir, "results.json"), lambda tmp: Path(tmp).write_text(payload))
+        payload = json.dumps({"benchmarks": results, "decoding": settings, "seeds": list(seeds)},
+                             indent=1)
+        data.atomic_write(os.path.join(out_dir, "results.json"),
+                          lambda tmp: Path(tmp).write_text(payload))
     return results
 
 
@@ -139,7 +158,7 @@ def results_table(results):
     return "\n".join(lines)
 
 
-# ====================================================================================================================
+# ==================================================================================================
 # summarize: every run's results -> the paper's tables and plots
 
 
@@ -156,8 +175,9 @@ def collect_runs(runs_dir, eval_name="eval"):
 
 
 def _grid(runs):
-    """{(objective, tau): {benchmark: [one list of per-sampling-seed scores per run]}}: the runs of a cell are its
-    training seeds. SFT runs (the teacher, a student's warm start) are rows of their own, named by their directory."""
+    """{(objective, tau): {benchmark: [one list of per-sampling-seed scores per run]}}: the runs of
+    a cell are its training seeds. SFT runs (the teacher, a student's warm start) are rows of their
+    own, named by their directory."""
     grid = {}
     for name, args, results in runs:
         key = (name, None) if args.get("mode") == "sft" else (args["loss"], float(args["tau"]))
@@ -168,10 +188,12 @@ def _grid(runs):
 
 
 def _run_scores(cell, benchmarks):
-    """One score per run (training seed): its mean over sampling seeds, averaged over `benchmarks`."""
+    """One score per run (training seed): its mean over sampling seeds, averaged over
+    `benchmarks`."""
     if not all(b in cell for b in benchmarks) or len({len(cell[b]) for b in benchmarks}) != 1:
         return []
-    return [statistics.fmean(statistics.fmean(cell[b][i]) for b in benchmarks) for i in range(len(cell[benchmarks[0]]))]
+    return [statistics.fmean(statistics.fmean(cell[b][i]) for b in benchmarks)
+            for i in range(len(cell[benchmarks[0]]))]
 
 
 def _average(cell, benchmarks):
@@ -180,7 +202,8 @@ def _average(cell, benchmarks):
 
 
 def _spread(cell, benchmarks):
-    """The std over training seeds; for a single run, over its sampling seeds (0 if it has one of each)."""
+    """The std over training seeds; for a single run, over its sampling seeds (0 if it has one of
+    each)."""
     runs = _run_scores(cell, benchmarks)
     if len(runs) > 1:
         return statistics.stdev(runs)
@@ -191,24 +214,27 @@ def _spread(cell, benchmarks):
 
 
 def summarize(runs_dir, out_dir=None, eval_name="eval"):
-    """Markdown tables in the layout of the paper's Table 1 (objective: tau=1 vs best tau) and the full
-    objective x tau grid with per-benchmark columns; a heatmap and tau curves as PNG when matplotlib exists.
-    Mean ± std: the mean over every training and sampling seed, the std over training seeds (a cell with one
-    training run: over its sampling seeds)."""
+    """Markdown tables in the layout of the paper's Table 1 (objective: tau=1 vs best tau) and the
+    full objective x tau grid with per-benchmark columns; a heatmap and tau curves as PNG when
+    matplotlib exists. Mean ± std: the mean over every training and sampling seed, the std over
+    training seeds (a cell with one training run: over its sampling seeds)."""
     runs = collect_runs(runs_dir, eval_name)
     grid = _grid(runs)
     if not grid:
-        raise FileNotFoundError(f"no finished runs (args.json + best/{eval_name}/results.json) under {runs_dir}")
+        raise FileNotFoundError(f"no finished runs (args.json + best/{eval_name}/results.json) "
+                                f"under {runs_dir}")
     benchmarks = sorted({b for cell in grid.values() for b in cell})
     averaged = list(PAPER_AVERAGE) if set(PAPER_AVERAGE) <= set(benchmarks) else benchmarks
     sft_rows = sorted(o for o, t in grid if t is None)
     order = list(LOSSES)  # the paper's order of the objectives
-    objectives = sorted({o for o, t in grid if t is not None}, key=lambda o: order.index(o) if o in order else 99)
+    objectives = sorted({o for o, t in grid if t is not None},
+                        key=lambda o: order.index(o) if o in order else 99)
     taus = sorted({t for o, t in grid if t is not None})
     fmt = lambda cell, bs: f"{_average(cell, bs):.2f} ± {_spread(cell, bs):.2f}"
     seeds = max(len(runs) for cell in grid.values() for runs in cell.values())
-    lines = [f"## Table 1 layout: ROUGE-L averaged over {', '.join(averaged)}; mean ± std over {seeds} training seed(s)",
-             "", "| objective | τ = 1 | best τ | at best τ | Δ vs τ = 1 |", "|---|---|---|---|---|"]
+    lines = [f"## Table 1 layout: ROUGE-L averaged over {', '.join(averaged)}; mean ± std over "
+             f"{seeds} training seed(s)", "",
+             "| objective | τ = 1 | best τ | at best τ | Δ vs τ = 1 |", "|---|---|---|---|---|"]
     for name in sft_rows:  # the teacher, and e.g. the student's warm start, as reference rows
         lines.append(f"| {name} | {fmt(grid[(name, None)], averaged)} | | | |")
     for o in objectives:
@@ -216,10 +242,13 @@ def summarize(runs_dir, out_dir=None, eval_name="eval"):
         best = max(scores, key=lambda t: -math.inf if math.isnan(scores[t]) else scores[t])
         at_one = fmt(grid[(o, 1.0)], averaged) if (o, 1.0) in grid else "nan"
         gain = scores[best] - scores.get(1.0, math.nan)
-        lines.append(f"| {o} | {at_one} | {best:g} | {fmt(grid[(o, best)], averaged)} | {gain:+.2f} |")
+        lines.append(f"| {o} | {at_one} | {best:g} | {fmt(grid[(o, best)], averaged)} | "
+                     f"{gain:+.2f} |")
     lines += ["", "## Every run: objective × τ, mean ± std over training seeds", "",
-              "| objective | τ | " + " | ".join(benchmarks) + " | average |", "|---|---|" + "---|" * (len(benchmarks) + 1)]
-    for (o, t), cell in sorted(grid.items(), key=lambda kv: (kv[0][1] is not None, kv[0][0], kv[0][1] or 0)):
+              "| objective | τ | " + " | ".join(benchmarks) + " | average |",
+              "|---|---|" + "---|" * (len(benchmarks) + 1)]
+    for (o, t), cell in sorted(grid.items(),
+                               key=lambda kv: (kv[0][1] is not None, kv[0][0], kv[0][1] or 0)):
         row = " | ".join(fmt(cell, [b]) if b in cell else "" for b in benchmarks)
         lines.append(f"| {o} | {'' if t is None else f'{t:g}'} | {row} | {fmt(cell, averaged)} |")
     lines += claims(runs, averaged)
@@ -227,8 +256,10 @@ def summarize(runs_dir, out_dir=None, eval_name="eval"):
     out_dir = Path(out_dir or runs_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.md").write_text(table + "\n")
-    values = [[_average(grid[(o, t)], averaged) if (o, t) in grid else math.nan for t in taus] for o in objectives]
-    spreads = [[_spread(grid[(o, t)], averaged) if (o, t) in grid else math.nan for t in taus] for o in objectives]
+    values = [[_average(grid[(o, t)], averaged) if (o, t) in grid else math.nan for t in taus]
+              for o in objectives]
+    spreads = [[_spread(grid[(o, t)], averaged) if (o, t) in grid else math.nan for t in taus]
+               for o in objectives]
     # the SFT rows (teacher, warm start) go in the title: as curves they would squash the students'
     title = ", ".join(f"{o} {_average(grid[(o, t)], averaged):.1f}" for o, t in grid if t is None)
     plots.tau_grid(objectives, taus, values, spreads, title, out_dir)
@@ -236,18 +267,21 @@ def summarize(runs_dir, out_dir=None, eval_name="eval"):
 
 
 def claims(runs, averaged):
-    """The paper's four claims checked per training seed: each comparison is a paired difference between two
-    cells' runs of the same seed, reported as mean ± std over seeds and how many seeds agree with the paper.
-    The best τ of an objective is the one with the best mean over seeds (as in Table 1)."""
+    """The paper's four claims checked per training seed: each comparison is a paired difference
+    between two cells' runs of the same seed, reported as mean ± std over seeds and how many seeds
+    agree with the paper. The best τ of an objective is the one with the best mean over seeds (as
+    in Table 1)."""
     by_seed = {}  # (objective, tau) -> {training seed: ROUGE-L averaged over `averaged`}
     for _, args, results in runs:
         if args.get("mode") != "sft" and all(b in results for b in averaged):
-            value = statistics.fmean(statistics.fmean(results[b]["scores"].values()) for b in averaged)
+            value = statistics.fmean(statistics.fmean(results[b]["scores"].values())
+                                     for b in averaged)
             by_seed.setdefault((args["loss"], float(args["tau"])), {})[args.get("seed")] = value
     if not {("fkl", 1.0), ("rkl", 1.0)} <= set(by_seed):
         return []
     mean = {cell: statistics.fmean(scores.values()) for cell, scores in by_seed.items()}
-    best = {}  # objective -> its best tau (a tie goes to the smaller tau), in the paper's order of objectives
+    # objective -> its best tau (a tie goes to the smaller tau), in the paper's order of objectives
+    best = {}
     for (o, t), m in sorted(mean.items(), key=lambda kv: (list(LOSSES).index(kv[0][0]), kv[0][1])):
         if o not in best or m > mean[(o, best[o])]:
             best[o] = t
@@ -255,14 +289,20 @@ def claims(runs, averaged):
     def paired(a, b):  # a - b over the seeds both cells have: "mean ± std (k of n seeds > 0)"
         diffs = [by_seed[a][s] - by_seed[b][s] for s in sorted(by_seed[a]) if s in by_seed[b]]
         std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-        return f"{statistics.fmean(diffs):+.2f} ± {std:.2f} ({sum(d > 0 for d in diffs)} of {len(diffs)} seeds > 0)"
+        agree = sum(d > 0 for d in diffs)
+        return f"{statistics.fmean(diffs):+.2f} ± {std:.2f} ({agree} of {len(diffs)} seeds > 0)"
 
     fkl, rkl = ("fkl", best["fkl"]), ("rkl", best["rkl"])
-    gains = [f"{o} {paired((o, best[o]), (o, 1.0))}" for o in best if (o, 1.0) in by_seed and best[o] != 1.0]
-    return ["", "## The paper's claims, per training seed (paired differences of the same seed's runs)", "",
+    gains = [f"{o} {paired((o, best[o]), (o, 1.0))}" for o in best
+             if (o, 1.0) in by_seed and best[o] != 1.0]
+    return ["",
+            "## The paper's claims, per training seed (paired differences of the same seed's runs)",
+            "",
             f"1. RKL > FKL at τ = 1: RKL − FKL = {paired(('rkl', 1.0), ('fkl', 1.0))}",
-            f"2. FKL at its best τ ({fkl[1]:g}) > RKL at its best τ ({rkl[1]:g}): FKL − RKL = {paired(fkl, rkl)}",
-            "3. gain of the best τ over τ = 1: " + ("; ".join(gains) or "no objective's best τ is above 1"),
+            f"2. FKL at its best τ ({fkl[1]:g}) > RKL at its best τ ({rkl[1]:g}): FKL − RKL = "
+            f"{paired(fkl, rkl)}",
+            "3. gain of the best τ over τ = 1: "
+            + ("; ".join(gains) or "no objective's best τ is above 1"),
             "4. best τ (paper: 2.5-3.5): " + ", ".join(f"{o} {t:g}" for o, t in best.items())]
 
 
@@ -270,31 +310,42 @@ def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["summarize"]:
-        parser = argparse.ArgumentParser(prog="evaluate.py summarize", description="collect runs into tables")
+        parser = argparse.ArgumentParser(prog="evaluate.py summarize",
+                                         description="collect runs into tables")
         parser.add_argument("runs_dir")
-        parser.add_argument("--out", default=None, help="where summary.md and the PNGs go (default: runs_dir)")
-        parser.add_argument("--eval-name", default="eval", help="read best/<eval-name>/results.json of every run")
+        parser.add_argument("--out", default=None,
+                            help="where summary.md and the PNGs go (default: runs_dir)")
+        parser.add_argument("--eval-name", default="eval",
+                            help="read best/<eval-name>/results.json of every run")
         args = parser.parse_args(argv[1:])
         if not os.path.isdir(args.runs_dir):
             checks.fail(f"{args.runs_dir}: no such directory of runs")
         print(summarize(args.runs_dir, args.out, args.eval_name))
         return
     from model import GPT
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, nargs="+", help="checkpoint directories or hub ids, evaluated in turn")
-    parser.add_argument("--tokenizer", default=None, help="default: the model's own vocab.json + merges.txt")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, nargs="+",
+                        help="checkpoint directories or hub ids, evaluated in turn")
+    parser.add_argument("--tokenizer", default=None,
+                        help="default: the model's own vocab.json + merges.txt")
     parser.add_argument("--benchmarks", default="dolly,self-inst,vicuna,sinst,uinst")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-examples", type=int, default=None, help="score only the first N examples")
+    parser.add_argument("--max-examples", type=int, default=None,
+                        help="score only the first N examples")
     parser.add_argument("--decode-temperature", type=float, default=1.0,
-                        help="sampling temperature (the protocol's 1.0; 0 = greedy); unrelated to the KD tau")
+                        help="sampling temperature (the protocol's 1.0; 0 = greedy); unrelated to "
+                             "the KD tau")
     parser.add_argument("--no-repeat-ngram-size", type=int, default=None,
-                        help="default: the protocol's 6 BPE tokens (24 bytes with the toy's byte tokenizer)")
+                        help="default: the protocol's 6 BPE tokens (24 bytes with the toy's byte "
+                             "tokenizer)")
     parser.add_argument("--max-new-tokens", type=int, default=PROTOCOL["max_new_tokens"])
     parser.add_argument("--data-dir", default=data.DATA_DIR)
-    parser.add_argument("--out", default=None, help="default: <model>/<eval-name> (one --model only)")
-    parser.add_argument("--eval-name", default="eval", help="e.g. eval-greedy next to the protocol's eval/")
+    parser.add_argument("--out", default=None,
+                        help="default: <model>/<eval-name> (one --model only)")
+    parser.add_argument("--eval-name", default="eval",
+                        help="e.g. eval-greedy next to the protocol's eval/")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
@@ -308,18 +359,23 @@ def main(argv=None):
     if not benchmarks:
         checks.fail("--benchmarks names no benchmark")
     seeds = checks.seeds("--seeds", args.seeds)
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-examples", args.max_examples, 1),
+    for flag, value, low in (("--batch-size", args.batch_size, 1),
+                             ("--max-examples", args.max_examples, 1),
                              ("--max-new-tokens", args.max_new_tokens, 1),
                              ("--no-repeat-ngram-size", args.no_repeat_ngram_size, 0)):
         checks.at_least(flag, value, low)
     checks.finite("--decode-temperature", args.decode_temperature, low=0)
     checks.writable("--out", args.out or ".")
-    ngram = {} if args.no_repeat_ngram_size is None else {"no_repeat_ngram_size": args.no_repeat_ngram_size}
+    ngram = {}  # the protocol's default unless given
+    if args.no_repeat_ngram_size is not None:
+        ngram = {"no_repeat_ngram_size": args.no_repeat_ngram_size}
     for name in args.model:
         model = GPT.from_pretrained(name, dtype=getattr(torch, args.dtype), device=args.device)
         tokenizer = data.load_tokenizer(args.tokenizer or name)
-        out = args.out or (os.path.join(name, args.eval_name) if os.path.isdir(name) else os.path.join(args.eval_name, name))
-        results = evaluate(model, tokenizer, benchmarks, seeds, args.batch_size, out, args.data_dir, args.max_examples, temperature=args.decode_temperature,
+        out = args.out or (os.path.join(name, args.eval_name) if os.path.isdir(name)
+                           else os.path.join(args.eval_name, name))
+        results = evaluate(model, tokenizer, benchmarks, seeds, args.batch_size, out, args.data_dir,
+                           args.max_examples, temperature=args.decode_temperature,
                            max_new_tokens=args.max_new_tokens, **ngram)
         print(f"{name}\n{results_table(results)}\npredictions and results.json in {out}")
 

@@ -1,11 +1,12 @@
-"""Every figure tempkd draws. matplotlib is optional (requirements-dev.txt installs it): without it each figure is
-skipped with one line saying how to get it."""
+"""Every figure tempkd draws. matplotlib is optional (requirements-dev.txt installs it): without it
+each figure is skipped with one line saying how to get it."""
 import json
 import math
 
 
 def pyplot(path):
-    """matplotlib.pyplot, drawing to files; None (after saying so) when matplotlib is not installed."""
+    """matplotlib.pyplot, drawing to files; None (after saying so) when matplotlib is not
+    installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -17,7 +18,8 @@ def pyplot(path):
 
 
 def loss_curves(out):
-    """<run>/loss.png: training loss (and CE) per logged step, validation CE per epoch, from log.jsonl."""
+    """<run>/loss.png: training loss (and CE) per logged step, validation CE per epoch, from
+    log.jsonl."""
     plt = pyplot(out / "loss.png")
     if plt is None:
         return
@@ -33,7 +35,8 @@ def loss_curves(out):
     ax.set_ylabel("loss")
     validation = [r for r in rows if "val_loss" in r]
     if validation:
-        ax.plot([r["step"] for r in validation], [r["val_loss"] for r in validation], "o-", label="validation CE")
+        ax.plot([r["step"] for r in validation], [r["val_loss"] for r in validation], "o-",
+                label="validation CE")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=110)
@@ -41,8 +44,9 @@ def loss_curves(out):
 
 
 def tau_grid(objectives, taus, values, spreads, title, out_dir):
-    """heatmap.png (objective x tau) and tau_curves.png (ROUGE-L against tau, error bars = std over training
-    seeds) from values[i][j] / spreads[i][j] of objective i at taus[j] (nan: not run); `title` names the SFT rows."""
+    """heatmap.png (objective x tau) and tau_curves.png (ROUGE-L against tau, error bars = std over
+    training seeds) from values[i][j] / spreads[i][j] of objective i at taus[j] (nan: not run);
+    `title` names the SFT rows."""
     plt = pyplot(f"{out_dir}/heatmap.png and tau_curves.png")
     if plt is None:
         return
@@ -66,7 +70,8 @@ def tau_grid(objectives, taus, values, spreads, title, out_dir):
         if len(points) > 1:  # error bars: the std over training seeds
             t, v, err = zip(*points)
             ax.errorbar(t, v, yerr=err, marker="o", capsize=2, label=o)
-    # the SFT rows (teacher, warm start) go in the title: as lines they would squash the students' curves
+    # the SFT rows (teacher, warm start) go in the title: as lines they would squash the students'
+    # curves
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("KD temperature τ")
     ax.set_ylabel("ROUGE-L")
@@ -78,7 +83,8 @@ def tau_grid(objectives, taus, values, spreads, title, out_dir):
 
 
 def gradient_analysis(rows, path):
-    """analysis.py's figure: non-target mass, gradient norms, cosine and Prop. 2.1's gap against tau."""
+    """analysis.py's figure: non-target mass, gradient norms, cosine and Prop. 2.1's gap against
+    tau."""
     plt = pyplot(path)
     if plt is None:
         return
@@ -87,8 +93,10 @@ def gradient_analysis(rows, path):
     axes[0].plot(taus, [r["teacher_non_target_mass"] for r in rows], "o-")
     axes[0].set_title("teacher non-target mass 1 − p_t")
     for name, style in (("fkl", "-"), ("rkl", "--")):
-        axes[1].plot(taus, [r[f"{name}_target"] for r in rows], "o" + style, label=f"{name.upper()} target")
-        axes[1].plot(taus, [r[f"{name}_non_target"] for r in rows], "s" + style, label=f"{name.upper()} non-target")
+        axes[1].plot(taus, [r[f"{name}_target"] for r in rows], "o" + style,
+                     label=f"{name.upper()} target")
+        axes[1].plot(taus, [r[f"{name}_non_target"] for r in rows], "s" + style,
+                     label=f"{name.upper()} non-target")
     axes[1].set_yscale("log")
     axes[1].set_title("gradient norm (per token)")
     axes[1].legend(fontsize=7)

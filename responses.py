@@ -1,21 +1,21 @@
 """The paper's training data: the fine-tuned teacher's own responses, sampled once and cached.
 
-The paper distils on fixed *teacher-generated* responses (its Appendix A): the teacher is fine-tuned on the
-benchmark, answers every training prompt once, and the student learns from those (prompt, teacher response)
-pairs - off-policy, never sampled from the student. `train.py --responses teacher` (the default) makes them on
-first use, and every later run of the grid reads the same file:
+The paper distils on fixed *teacher-generated* responses (its Appendix A): the teacher is fine-tuned
+on the benchmark, answers every training prompt once, and the student learns from those (prompt,
+teacher response) pairs - off-policy, never sampled from the student. `train.py --responses teacher`
+(the default) makes them on first use, and every later run of the grid reads the same file:
 
-    data/responses/<benchmark>/<teacher fingerprint>/train.jsonl       one record per training prompt, in order
-    data/responses/<benchmark>/<teacher fingerprint>/provenance.json   teacher, fingerprint, seed, decoding, counts
+    data/responses/<benchmark>/<teacher fingerprint>/train.jsonl      a record per prompt, in order
+    data/responses/<benchmark>/<teacher fingerprint>/provenance.json  teacher, seed, decoding, ...
 
-    python responses.py --teacher runs/toy/teacher/best --benchmark toy --limit 1200   # make them ahead of time
+    python responses.py --teacher runs/toy/teacher/best --benchmark toy --limit 1200  # beforehand
 
-The fingerprint is a hash of the teacher's config.json and weight files, so a retrained teacher at the same path
-gets new responses. Decoding is the protocol's sampling (temperature 1, no top-k, top-p 1, at most 256 new
-tokens) without n-gram blocking, cut at the first EOS. Prompts are answered in chunks of CHUNK and chunk k
-samples with its own seed, so the file is the same whether it was made in one go, resumed after a crash,
-extended to more prompts later, or shared out over torchrun processes (each answers every world_size-th chunk;
-rank 0 writes them in order).
+The fingerprint is a hash of the teacher's config.json and weight files, so a retrained teacher at
+the same path gets new responses. Decoding is the protocol's sampling (temperature 1, no top-k,
+top-p 1, at most 256 new tokens) without n-gram blocking, cut at the first EOS. Prompts are answered
+in chunks of CHUNK and chunk k samples with its own seed, so the file is the same whether it was
+made in one go, resumed after a crash, extended to more prompts later, or shared out over torchrun
+processes (each answers every world_size-th chunk; rank 0 writes them in order).
 """
 import argparse
 import hashlib
@@ -32,7 +32,7 @@ from tqdm import tqdm
 import checks
 import data
 import evaluate
-from model import resolve_checkpoint, weight_files
+from hf_files import resolve_checkpoint, weight_files
 
 SEED = 0     # chunk k samples with seed SEED * 1_000_003 + k
 CHUNK = 64   # prompts per chunk: the unit of resuming and of sharing out over processes
@@ -42,7 +42,8 @@ MUST_MATCH = ("teacher_fingerprint", "benchmark", "seed", "chunk", "decoding", "
 
 
 def fingerprint(teacher_name):
-    """sha256 over the teacher checkpoint's config.json and weight files (a directory or a hub id)."""
+    """sha256 over the teacher checkpoint's config.json and weight files (a directory or a hub
+    id)."""
     pick = lambda files: ["config.json", *weight_files(files, teacher_name)]
     directory = resolve_checkpoint(teacher_name, pick)
     digest = hashlib.sha256()
@@ -55,26 +56,31 @@ def fingerprint(teacher_name):
 
 
 def cache_dir(data_dir, benchmark, teacher_fingerprint):
-    """Where one teacher's responses to one benchmark's training prompts live. A jsonl file given as --data is
-    named by its content too."""
+    """Where one teacher's responses to one benchmark's training prompts live. A jsonl file given as
+    --data is named by its content too."""
     if benchmark.endswith(".jsonl"):
-        benchmark = f"{Path(benchmark).stem}-{hashlib.sha256(Path(benchmark).read_bytes()).hexdigest()[:12]}"
+        content = hashlib.sha256(Path(benchmark).read_bytes()).hexdigest()
+        benchmark = f"{Path(benchmark).stem}-{content[:12]}"
     return Path(data_dir, "responses", benchmark, teacher_fingerprint[:16])
 
 
-def teacher_responses(teacher, tokenizer, records, needed, where, provenance, max_prompt_len=256, rank=0,
+def teacher_responses(teacher, tokenizer, records, needed, where, provenance, max_prompt_len=256,
+                      rank=0,
                       world_size=1):
     """The first `needed` records (None: all) with output = [the teacher's sampled response].
 
-    `records` is the whole training split: prompts are answered in whole chunks, so the file never depends on how
-    many examples the first run asked for. Responses already in `where` are read, the missing chunks generated
-    (shared out over the processes when world_size > 1) and appended. Every process returns the same list."""
+    `records` is the whole training split: prompts are answered in whole chunks, so the file never
+    depends on how many examples the first run asked for. Responses already in `where` are read, the
+    missing chunks generated (shared out over the processes when world_size > 1) and appended. Every
+    process returns the same list."""
     path, meta = Path(where, "train.jsonl"), Path(where, "provenance.json")
-    provenance = {**provenance, "seed": SEED, "chunk": CHUNK, "decoding": DECODING, "max_prompt_len": max_prompt_len}
+    provenance = {**provenance, "seed": SEED, "chunk": CHUNK, "decoding": DECODING,
+                  "max_prompt_len": max_prompt_len}
     if meta.is_file():
         check_provenance(json.loads(meta.read_text()), provenance, meta)
     elif path.is_file():
-        raise SystemExit(f"error: {path} has no provenance.json beside it, so its teacher is unknown: delete {where}")
+        raise SystemExit(f"error: {path} has no provenance.json beside it, so its teacher is "
+                         f"unknown: delete {where}")
     needed = len(records) if needed is None else min(needed, len(records))
     to_answer = min(math.ceil(needed / CHUNK) * CHUNK, len(records))  # whole chunks
     answered = read_complete_chunks(path, records)
@@ -83,14 +89,17 @@ def teacher_responses(teacher, tokenizer, records, needed, where, provenance, ma
     if len(answered) < to_answer and rank == 0:
         where.mkdir(parents=True, exist_ok=True)
         text = data.jsonl_text(answered)
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:  # a torn last line or half a chunk
+        # a torn last line or half a chunk
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
             data.atomic_write(str(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         write_provenance(meta, provenance, answered)
     todo = list(range(len(answered) // CHUNK, math.ceil(to_answer / CHUNK)))
-    bar = tqdm(total=to_answer - len(answered), desc="teacher responses", disable=rank != 0 or not todo)
+    bar = tqdm(total=to_answer - len(answered), desc="teacher responses",
+               disable=rank != 0 or not todo)
     for first in range(0, len(todo), world_size):
         round_ = todo[first:first + world_size]  # chunk round_[r] is answered by process r
-        my_chunk = answer_chunk(teacher, tokenizer, records, round_[rank], max_prompt_len) if rank < len(round_) else []
+        my_chunk = answer_chunk(teacher, tokenizer, records, round_[rank],
+                                max_prompt_len) if rank < len(round_) else []
         chunks = [my_chunk]
         if world_size > 1:
             chunks = [None] * world_size
@@ -109,17 +118,20 @@ def teacher_responses(teacher, tokenizer, records, needed, where, provenance, ma
 
 
 def answer_chunk(teacher, tokenizer, records, k, max_prompt_len):
-    """The teacher's sampled responses to chunk k of the records, each with its length in tokens and whether it
-    ended with EOS (False: cut at max_new_tokens)."""
+    """The teacher's sampled responses to chunk k of the records, each with its length in tokens and
+    whether it ended with EOS (False: cut at max_new_tokens)."""
     chunk = records[k * CHUNK:(k + 1) * CHUNK]
-    samples = evaluate.sample(teacher, tokenizer, chunk, seed=SEED * 1_000_003 + k, max_prompt_len=max_prompt_len,
+    samples = evaluate.sample(teacher, tokenizer, chunk, seed=SEED * 1_000_003 + k,
+                              max_prompt_len=max_prompt_len,
                               progress=False, **DECODING)
-    return [{**record, "output": [tokenizer.decode(tokens).strip()], "teacher_tokens": len(tokens), "teacher_eos": eos}
+    return [{**record, "output": [tokenizer.decode(tokens).strip()], "teacher_tokens": len(tokens),
+             "teacher_eos": eos}
             for record, (tokens, eos) in zip(chunk, samples)]
 
 
 def read_complete_chunks(path, records):
-    """The whole chunks already in the file; a torn last line or a half-written chunk is dropped (and redone)."""
+    """The whole chunks already in the file; a torn last line or a half-written chunk is dropped
+    (and redone)."""
     answered = []
     if path.is_file():
         for line in path.read_text(encoding="utf-8").split("\n"):
@@ -131,32 +143,42 @@ def read_complete_chunks(path, records):
         answered = answered[: len(answered) // CHUNK * CHUNK]
     for i, (got, source) in enumerate(zip(answered, records)):
         if got.get("prompt") != source["prompt"]:
-            raise SystemExit(f"error: {path}, line {i + 1} answers another prompt than training example {i + 1}: "
-                             "the training data changed since it was made; delete the file to make it anew")
+            raise SystemExit(f"error: {path}, line {i + 1} answers another prompt than training "
+                             f"example {i + 1}: "
+                             "the training data changed since it was made; delete the file to make "
+                             "it anew")
     return answered[: len(records)]
 
 
 def check_provenance(cached, this_run, meta):
-    """A cache made by another teacher, or with other sampling settings, is refused in one line naming both."""
+    """A cache made by another teacher, or with other sampling settings, is refused in one line
+    naming both."""
     differ = [k for k in MUST_MATCH if cached.get(k) != this_run[k]]
     if differ:
         raise SystemExit(f"error: {meta} holds responses of teacher {cached.get('teacher')} "
-                         f"(fingerprint {str(cached.get('teacher_fingerprint'))[:16]}), but this run's teacher is "
-                         f"{this_run['teacher']} (fingerprint {this_run['teacher_fingerprint'][:16]}); they differ in "
+                         f"(fingerprint {str(cached.get('teacher_fingerprint'))[:16]}), but this "
+                         f"run's teacher is {this_run['teacher']} (fingerprint "
+                         f"{this_run['teacher_fingerprint'][:16]}); they differ in "
                          f"{', '.join(differ)}: delete {meta.parent} or use --responses dataset")
 
 
 def write_provenance(meta, provenance, answered):
     counts = {"n_prompts": len(answered), "empty": sum(not r["output"][0] for r in answered),
               "no_eos": sum(not r.get("teacher_eos", True) for r in answered)}
-    data.atomic_write(str(meta), lambda tmp: Path(tmp).write_text(json.dumps({**provenance, **counts}, indent=1)))
+    data.atomic_write(str(meta),
+                      lambda tmp: Path(tmp).write_text(json.dumps({**provenance, **counts},
+                                                                  indent=1)))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", required=True, help="the fine-tuned teacher: checkpoint directory or hub id")
-    parser.add_argument("--benchmark", default="dolly", help="benchmark whose training prompts it answers")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N training prompts (whole chunks)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", required=True,
+                        help="the fine-tuned teacher: checkpoint directory or hub id")
+    parser.add_argument("--benchmark", default="dolly",
+                        help="benchmark whose training prompts it answers")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="only the first N training prompts (whole chunks)")
     parser.add_argument("--max-prompt-len", type=int, default=256)
     parser.add_argument("--data-dir", default=data.DATA_DIR)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -174,8 +196,10 @@ def main(argv=None):
     teacher_fingerprint = fingerprint(args.teacher)
     where = cache_dir(args.data_dir, args.benchmark, teacher_fingerprint)
     records = data.load_split(args.benchmark, "train", args.data_dir)
-    provenance = {"teacher": args.teacher, "teacher_fingerprint": teacher_fingerprint, "benchmark": args.benchmark}
-    teacher_responses(teacher, tokenizer, records, args.limit, where, provenance, args.max_prompt_len)
+    provenance = {"teacher": args.teacher, "teacher_fingerprint": teacher_fingerprint,
+                  "benchmark": args.benchmark}
+    teacher_responses(teacher, tokenizer, records, args.limit, where, provenance,
+                      args.max_prompt_len)
     print(f"{where / 'train.jsonl'}\n{(where / 'provenance.json').read_text()}")
 
 

@@ -3,11 +3,11 @@
     python bench/bench_losses.py                 # B=4, T=512, V=50257, float32 logits, on this CPU
     python bench/bench_losses.py --losses fkl,rkl
 
-For each objective, in a fresh process (peak RSS is per process): the extra peak memory of loss + backward,
-divided by the size of one float32 logits tensor (goal <= 2x), and the time of ours / naive.
-"ours" = losses.distill_loss_chunked (what train.py uses); "naive" = losses.distill_loss, the plain form: the same
-per-token formula on the whole (B*T, V) batch under plain autograd, where every intermediate of every position
-stays alive until backward.
+For each objective, in a fresh process (peak RSS is per process): the extra peak memory of loss +
+backward, divided by the size of one float32 logits tensor (goal <= 2x), and the time of ours /
+naive. "ours" = losses.distill_loss_chunked (what train.py uses); "naive" = losses.distill_loss, the
+plain form: the same per-token formula on the whole (B*T, V) batch under plain autograd, where every
+intermediate of every position stays alive until backward.
 """
 import argparse
 import json
@@ -46,7 +46,8 @@ def measure_one(name, impl, B, T, V):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--losses", default=",".join(losses.LOSSES))
     p.add_argument("--B", type=int, default=4)
     p.add_argument("--T", type=int, default=512)
@@ -56,16 +57,21 @@ def main():
     if args.one:
         return measure_one(*args.one, args.B, args.T, args.V)
     logits_bytes = args.B * args.T * args.V * 4
-    print(f"B={args.B} T={args.T} V={args.V}: one float32 logits tensor = {logits_bytes / 2**20:.0f} MiB")
-    print("| objective | ours: extra peak / logits | naive: extra peak / logits | time ours / naive |")
+    print(f"B={args.B} T={args.T} V={args.V}: one float32 logits tensor = "
+          f"{logits_bytes / 2**20:.0f} MiB")
+    print("| objective | ours: extra peak / logits | naive: extra peak / logits | time ours / "
+          "naive |")
     print("|---|---|---|---|")
     for name in args.losses.split(","):
         result = {}
         for impl in ("ours", "naive"):
-            cmd = [sys.executable, __file__, "--one", name, impl, "--B", str(args.B), "--T", str(args.T), "--V", str(args.V)]
-            result[impl] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-        print(f"| {name} | {result['ours']['extra'] / logits_bytes:.2f}x | {result['naive']['extra'] / logits_bytes:.2f}x "
-              f"| {result['ours']['seconds'] / result['naive']['seconds']:.2f} |", flush=True)
+            cmd = [sys.executable, __file__, "--one", name, impl, "--B", str(args.B), "--T",
+                   str(args.T), "--V", str(args.V)]
+            result[impl] = json.loads(subprocess.run(cmd, capture_output=True, text=True,
+                                                     check=True).stdout)
+        print(f"| {name} | {result['ours']['extra'] / logits_bytes:.2f}x | "
+              f"{result['naive']['extra'] / logits_bytes:.2f}x | "
+              f"{result['ours']['seconds'] / result['naive']['seconds']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ torch.set_num_threads(2)
 
 
 def assert_float32_close(got, want):
-    """`got` (computed in float32) equals the float64 reference `want` up to float32 rounding: a few ulps of its
-    largest entry. An absolute bound fails on CPUs whose SIMD width sums in another order once entries reach ~2."""
+    """`got` (computed in float32) equals the float64 reference `want` up to float32 rounding: a few
+    ulps of its largest entry. An absolute bound fails on CPUs whose SIMD width sums in another
+    order once entries reach ~2."""
     assert (got - want).abs().max() <= 1e-6 * want.abs().max()
 
 
@@ -24,16 +25,21 @@ def tiny_hf_model(kind, **overrides):
     torch.manual_seed(0)
     if kind == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=96,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      bos_token_id=96,
                                       eos_token_id=96, **overrides)
         model = transformers.GPT2LMHeadModel(cfg)
     else:
-        cfg = transformers.OPTConfig(vocab_size=97, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, ffn_dim=48, dropout=0.0, attention_dropout=0.0,
-                                     activation_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+        cfg = transformers.OPTConfig(vocab_size=97, max_position_embeddings=64, hidden_size=32,
+                                     num_hidden_layers=2,
+                                     num_attention_heads=4, ffn_dim=48, dropout=0.0,
+                                     attention_dropout=0.0,
+                                     activation_dropout=0.0, pad_token_id=1, bos_token_id=2,
+                                     eos_token_id=2,
                                      **overrides)
         model = transformers.OPTForCausalLM(cfg)
-    # random init leaves biases / layer norms at 0 / 1; perturb them so a mis-mapped bias cannot hide
+    # random init leaves biases / layer norms at 0 / 1; perturb them so a mis-mapped bias cannot
+    # hide
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "ln" in name or "layer_norm" in name:
@@ -42,9 +48,10 @@ def tiny_hf_model(kind, **overrides):
 
 
 def write_bin_checkpoint(model, path, shards=1, strip_prefix=False):
-    """The legacy .bin layout (transformers 5 only writes safetensors, but hub repos such as gpt2 and
-    facebook/opt-* still hold pytorch_model.bin): torch.save'd state dicts, sharded with an index when shards > 1.
-    strip_prefix drops "transformer." / "model." as in the original GPT-2 / OPT uploads."""
+    """The legacy .bin layout (transformers 5 only writes safetensors, but hub repos such as gpt2
+    and facebook/opt-* still hold pytorch_model.bin): torch.save'd state dicts, sharded with an
+    index when shards > 1. strip_prefix drops "transformer." / "model." as in the original GPT-2 /
+    OPT uploads."""
     for f in os.listdir(path):
         if f.endswith((".safetensors", ".safetensors.index.json")):
             os.remove(os.path.join(path, f))
@@ -69,8 +76,8 @@ def write_bin_checkpoint(model, path, shards=1, strip_prefix=False):
 
 @pytest.fixture
 def hf_model_dir(tmp_path):
-    """Factory: save a tiny transformers model to a temp dir and return (dir, model).
-    safe=False writes the .bin layout (sharded into `shards` files, keys without prefix if strip_prefix)."""
+    """Factory: save a tiny transformers model to a temp dir and return (dir, model). safe=False
+    writes the .bin layout (sharded into `shards` files, keys without prefix if strip_prefix)."""
     count = iter(range(1000))
 
     def make(kind, safe=True, shard=None, shards=1, strip_prefix=False, **overrides):

@@ -1,6 +1,7 @@
-"""A stand-in for the Hugging Face hub: a real HTTP server on 127.0.0.1 that answers the two kinds of request
-huggingface_hub makes (repo info under /api/..., file bytes under .../resolve/<rev>/<file>), serving repos from
-a local folder. Code under test must talk to it through HF_ENDPOINT, exactly as it would talk to the hub."""
+"""A stand-in for the Hugging Face hub: a real HTTP server on 127.0.0.1 that answers the two kinds
+of request huggingface_hub makes (repo info under /api/..., file bytes under
+.../resolve/<rev>/<file>), serving repos from a local folder. Code under test must talk to it
+through HF_ENDPOINT, exactly as it would talk to the hub."""
 import hashlib
 import http.server
 import json
@@ -19,7 +20,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def _repo_file(self, path):
-        """'/datasets/o/n/resolve/main/a/b.jsonl' -> (folder, 'a/b.jsonl'); models have no '/models' prefix."""
+        """'/datasets/o/n/resolve/main/a/b.jsonl' -> (folder, 'a/b.jsonl'); models have no '/models'
+        prefix."""
         kind = "dataset" if path.startswith("/datasets/") else "model"
         rest = path.removeprefix("/datasets/").lstrip("/")
         repo, _, tail = rest.partition("/resolve/")
@@ -43,10 +45,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             repo = "/".join(rest.split("/")[:2])
             folder = self.repos.get((kind.rstrip("s"), repo))
             if folder is None:
-                return self._send(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}, head)
-            files = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
-            info = {"id": repo, "sha": SHA, "siblings": [{"rfilename": f} for f in files], "private": False}
-            return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, head)
+                return self._send(404, b'{"error": "Repository not found"}',
+                                  {"X-Error-Code": "RepoNotFound"}, head)
+            files = sorted(os.path.relpath(os.path.join(d, f),
+                                           folder) for d, _, fs in os.walk(folder) for f in fs)
+            info = {"id": repo, "sha": SHA, "siblings": [{"rfilename": f} for f in files],
+                    "private": False}
+            return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"},
+                              head)
         folder, filename = self._repo_file(path)
         if folder is None or not os.path.isfile(os.path.join(folder, filename)):
             return self._send(404, b"not found", {"X-Error-Code": "EntryNotFound"}, head)

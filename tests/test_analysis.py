@@ -1,4 +1,5 @@
-"""analysis.py: its closed-form gradients and statistics against autograd through losses.py, on a tiny model."""
+"""analysis.py: its closed-form gradients and statistics against autograd through losses.py, on a
+tiny model."""
 import torch
 
 import analysis
@@ -10,8 +11,10 @@ from model import GPT, GPTConfig
 
 def tiny_pair():
     torch.manual_seed(0)
-    make = lambda width: GPT(GPTConfig(vocab_size=257, n_positions=512, n_layer=1, n_head=2, n_embd=width,
-                                       ffn_dim=2 * width, bos_token_id=256, eos_token_id=256, pad_token_id=256)).eval()
+    make = lambda width: GPT(GPTConfig(vocab_size=257, n_positions=512, n_layer=1, n_head=2,
+                                       n_embd=width,
+                                       ffn_dim=2 * width, bos_token_id=256, eos_token_id=256,
+                                       pad_token_id=256)).eval()
     teacher, student = make(32), make(16)
     with torch.no_grad():  # spread the random logits so that tau has something to do
         teacher.tok_emb.weight.mul_(20)
@@ -49,8 +52,10 @@ def test_analysis_numbers_equal_autograd_gradients_on_a_tiny_model():
 
 def test_higher_tau_exposes_more_non_target_mass_and_prop_2_1_converges():
     teacher, student = tiny_pair()
-    zs, zt, _ = analysis.response_logits(teacher, student, data.byte_tokenizer(), data.toy_split("train")[:3])
-    targets = zt.argmax(-1)  # where the target is the teacher's top token, its mass can only fall as tau grows
+    zs, zt, _ = analysis.response_logits(teacher, student, data.byte_tokenizer(),
+                                         data.toy_split("train")[:3])
+    # where the target is the teacher's top token, its mass can only fall as tau grows
+    targets = zt.argmax(-1)
     rows = [analysis.gradient_stats(zs, zt, targets, tau) for tau in (1.0, 3.0, 100.0, 1000.0)]
     masses = [r["teacher_non_target_mass"] for r in rows]
     assert masses == sorted(masses) and masses[-1] > 0.99  # p^tau flattens towards uniform

@@ -1,6 +1,6 @@
-"""The door: bad input to any entry point stops before any work with one line naming the flag or file (exit status
-non-zero, no traceback); a run never ends in silent nonsense; SIGTERM / Ctrl-C leave a checkpoint that resumes
-exactly."""
+"""The door: bad input to any entry point stops before any work with one line naming the flag or
+file (exit status non-zero, no traceback); a run never ends in silent nonsense; SIGTERM / Ctrl-C
+leave a checkpoint that resumes exactly."""
 import json
 import os
 import signal
@@ -39,20 +39,23 @@ def world(tmp_path_factory):
     weights_file = root / "truncated" / "model.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:-100])
     (root / "a-file").write_text("")
-    lines = {"null-output": '{"instruction": "a", "output": ["x"]}\n{"instruction": "b", "output": null}\n',
+    lines = {"null-output": '{"instruction": "a", "output": ["x"]}\n{"instruction": "b", "output": '
+                            'null}\n',
              "list-line": '{"instruction": "a", "output": "x"}\n[1, 2]\n',
              "empty-output": '{"instruction": "a", "output": ""}\n',
              "bad-json": '{"instruction": "a", "output": "x"}\n{"instruction": \n'}
     for name, text in lines.items():
         (root / f"{name}.jsonl").write_text(text)
-    (root / "latin1.jsonl").write_bytes('{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1"))
+    latin1 = '{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1")
+    (root / "latin1.jsonl").write_bytes(latin1)
     (root / "resume/").mkdir()
     (root / "resume/last.pt").write_bytes(b"not a checkpoint")
     return root
 
 
 def train_argv(world, *extra):
-    return ["--preset", "toy", "--teacher", str(world / "teacher"), "--student", "toy-tiny", "--loss", "fkl",
+    return ["--preset", "toy", "--teacher", str(world / "teacher"), "--student", "toy-tiny",
+            "--loss", "fkl",
             "--responses", "dataset", "--out", str(world / "never"), *extra]
 
 
@@ -64,7 +67,8 @@ def toy_eval(world):
 CASES = [
     ("train", lambda w: train_argv(w, "--epochs", "0"), "--epochs must be >= 1"),
     ("train", lambda w: train_argv(w, "--batch-size", "-4"), "--batch-size must be >= 1"),
-    ("train", lambda w: train_argv(w, "--batch-size", "10", "--micro-batch-size", "4"), "must be a multiple"),
+    ("train", lambda w: train_argv(w, "--batch-size", "10", "--micro-batch-size", "4"),
+     "must be a multiple"),
     ("train", lambda w: train_argv(w, "--lr", "inf"), "--lr must be a finite number >= 0"),
     ("train", lambda w: train_argv(w, "--lr=-1e-3"), "--lr must be a finite number >= 0"),
     ("train", lambda w: train_argv(w, "--min-lr", "nan"), "--min-lr must be a finite number"),
@@ -73,40 +77,57 @@ CASES = [
     ("train", lambda w: train_argv(w, "--train-examples", "0"), "--train-examples must be >= 1"),
     ("train", lambda w: train_argv(w, "--valid-examples", "0"), "--valid-examples must be >= 1"),
     ("train", lambda w: train_argv(w, "--max-steps", "0"), "--max-steps must be >= 1"),
-    ("train", lambda w: train_argv(w, "--max-len", "600"), "--max-len 600 exceeds --student toy-tiny's 512"),
-    ("train", lambda w: train_argv(w, "--max-prompt-len", "300", "--max-len", "300"), "must exceed --max-prompt-len"),
+    ("train", lambda w: train_argv(w, "--max-len", "600"),
+     "--max-len 600 exceeds --student toy-tiny's 512"),
+    ("train", lambda w: train_argv(w, "--max-prompt-len", "300", "--max-len", "300"),
+     "must exceed --max-prompt-len"),
     ("train", lambda w: train_argv(w, "--tau", "0"), "tau must be a finite number > 0"),
     ("train", lambda w: train_argv(w, "--tau", "nan"), "tau must be a finite number > 0"),
     ("train", lambda w: train_argv(w, "--tau", "-2"), "tau must be a finite number > 0"),
     ("train", lambda w: train_argv(w, "--loss", "kl"), "unknown loss 'kl'"),
-    ("train", lambda w: train_argv(w, "--loss", "sfkl", "--alpha", "1.5"), "sfkl: alpha must be in [0, 1)"),
-    ("train", lambda w: train_argv(w, "--loss", "drkl", "--gamma", "-1"), "drkl: gamma must be in (0, inf)"),
-    ("train", lambda w: train_argv(w, "--loss", "ab", "--alpha", "nan"), "ab: alpha must be in (-inf, inf)"),
+    ("train", lambda w: train_argv(w, "--loss", "sfkl", "--alpha", "1.5"),
+     "sfkl: alpha must be in [0, 1)"),
+    ("train", lambda w: train_argv(w, "--loss", "drkl", "--gamma", "-1"),
+     "drkl: gamma must be in (0, inf)"),
+    ("train", lambda w: train_argv(w, "--loss", "ab", "--alpha", "nan"),
+     "ab: alpha must be in (-inf, inf)"),
     ("train", lambda w: train_argv(w, "--alpha", "0.3"), "fkl has no hyper-parameter 'alpha'"),
-    ("train", lambda w: train_argv(w, "--kd-ratio", "1.5"), "--kd-ratio must be a finite number in [0, 1]"),
-    ("train", lambda w: train_argv(w, "--mode", "sft", "--beta", "0.2"), "--beta is a KD hyper-parameter"),
-    ("train", lambda w: train_argv(w, "--teacher", "runs/nope/best"), "--teacher runs/nope/best: no such directory"),
-    ("train", lambda w: train_argv(w, "--teacher", "./typo"), "--teacher ./typo: no such directory"),
-    ("train", lambda w: train_argv(w, "--teacher", str(w / "bad-config")), "config.json is not valid JSON"),
+    ("train", lambda w: train_argv(w, "--kd-ratio", "1.5"),
+     "--kd-ratio must be a finite number in [0, 1]"),
+    ("train", lambda w: train_argv(w, "--mode", "sft", "--beta", "0.2"),
+     "--beta is a KD hyper-parameter"),
+    ("train", lambda w: train_argv(w, "--teacher", "runs/nope/best"),
+     "--teacher runs/nope/best: no such directory"),
+    ("train", lambda w: train_argv(w, "--teacher", "./typo"),
+     "--teacher ./typo: no such directory"),
+    ("train", lambda w: train_argv(w, "--teacher", str(w / "bad-config")),
+     "config.json is not valid JSON"),
     ("train", lambda w: train_argv(w, "--teacher", str(w / "no-weights")), "no weights file"),
     ("train", lambda w: train_argv(w, "--teacher", str(w / "no-config")), "no config.json"),
     ("train", lambda w: train_argv(w, "--student", "scratch:4xq"), "scratch:<layers>x<width>"),
-    ("train", lambda w: train_argv(w, "--teacher", str(w / "truncated")), "model.safetensors is not a readable"),
+    ("train", lambda w: train_argv(w, "--teacher", str(w / "truncated")),
+     "model.safetensors is not a readable"),
     ("train", lambda w: train_argv(w, "--data", "dolly2"), "--data: unknown benchmark 'dolly2'"),
-    ("train", lambda w: train_argv(w, "--data", str(w / "missing.jsonl")), "missing.jsonl: no such file"),
+    ("train", lambda w: train_argv(w, "--data", str(w / "missing.jsonl")),
+     "missing.jsonl: no such file"),
     ("train", lambda w: train_argv(w, "--valid-data", "dolly"), "dolly/valid.jsonl is missing"),
     ("train", lambda w: train_argv(w, "--eval-benchmarks", "toy,nope"), "unknown benchmark 'nope'"),
     ("train", lambda w: train_argv(w, "--eval-seeds", "10,10"), "--eval-seeds repeats a seed"),
-    ("train", lambda w: train_argv(w, "--eval-seeds", "10,x"), "--eval-seeds must be comma-separated integers"),
+    ("train", lambda w: train_argv(w, "--eval-seeds", "10,x"),
+     "--eval-seeds must be comma-separated integers"),
     ("train", lambda w: train_argv(w, "--out", str(w / "a-file" / "run")), "cannot write there"),
-    ("train", lambda w: train_argv(w, "--teacher", str(w / "bpe-teacher-model")), "incompatible vocabularies"),
+    ("train", lambda w: train_argv(w, "--teacher", str(w / "bpe-teacher-model")),
+     "incompatible vocabularies"),
     ("train", lambda w: train_argv(w, "--resume"), "--resume, but"),
-    ("train", lambda w: train_argv(w, "--resume", "--out", str(w / "resume")), "is not a readable checkpoint"),
-    ("train", lambda w: train_argv(w, "--data", str(w / "null-output.jsonl"), "--valid-data", "toy"),
+    ("train", lambda w: train_argv(w, "--resume", "--out", str(w / "resume")),
+     "is not a readable checkpoint"),
+    ("train",
+     lambda w: train_argv(w, "--data", str(w / "null-output.jsonl"), "--valid-data", "toy"),
      "null-output.jsonl, line 2: output must be a non-empty string"),
     ("train", lambda w: train_argv(w, "--data", str(w / "list-line.jsonl"), "--valid-data", "toy"),
      "list-line.jsonl, line 2: a record must be a JSON object"),
-    ("train", lambda w: train_argv(w, "--data", str(w / "empty-output.jsonl"), "--valid-data", "toy"),
+    ("train",
+     lambda w: train_argv(w, "--data", str(w / "empty-output.jsonl"), "--valid-data", "toy"),
      "empty-output.jsonl, line 1: output must be a non-empty string"),
     ("train", lambda w: train_argv(w, "--data", str(w / "bad-json.jsonl"), "--valid-data", "toy"),
      "bad-json.jsonl, line 2: malformed json"),
@@ -114,33 +135,48 @@ CASES = [
      "latin1.jsonl is not UTF-8"),
     ("evaluate", lambda w: [*toy_eval(w), "--decode-temperature", "-1"], "--decode-temperature"),
     ("evaluate", lambda w: [*toy_eval(w), "--seeds", "1,1"], "--seeds repeats a seed"),
-    ("evaluate", lambda w: ["--model", str(w / "teacher"), "--benchmarks", "nope"], "unknown benchmark 'nope'"),
-    ("evaluate", lambda w: ["--model", str(w / "teacher"), "--benchmarks", "dolly"], "run `python data.py prepare`"),
+    ("evaluate", lambda w: ["--model", str(w / "teacher"), "--benchmarks", "nope"],
+     "unknown benchmark 'nope'"),
+    ("evaluate", lambda w: ["--model", str(w / "teacher"), "--benchmarks", "dolly"],
+     "run `python data.py prepare`"),
     ("evaluate", lambda w: ["--model", "./missing"], "--model ./missing: no such directory"),
-    ("evaluate", lambda w: ["--model", str(w / "truncated"), "--benchmarks", "toy"], "is not a readable safetensors"),
-    ("evaluate", lambda w: [*toy_eval(w), "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    ("evaluate", lambda w: ["--model", str(w / "truncated"), "--benchmarks", "toy"],
+     "is not a readable safetensors"),
+    ("evaluate", lambda w: [*toy_eval(w), "--max-new-tokens", "0"],
+     "--max-new-tokens must be >= 1"),
     ("evaluate", lambda w: [*toy_eval(w), "--batch-size", "0"], "--batch-size must be >= 1"),
     ("evaluate", lambda w: ["summarize", str(w / "no-runs")], "no such directory of runs"),
     ("data", lambda w: ["prepare", "--benchmarks", "dolly2"], "unknown benchmark 'dolly2'"),
     ("data", lambda w: ["prepare", "--data-dir", str(w / "a-file" / "data")], "--data-dir"),
-    ("analysis", lambda w: ["--teacher", str(w / "teacher"), "--student", str(w / "teacher"), "--taus", "0,1"],
+    ("analysis",
+     lambda w: ["--teacher", str(w / "teacher"), "--student", str(w / "teacher"), "--taus", "0,1"],
      "--taus: every tau must be a finite number > 0"),
-    ("analysis", lambda w: ["--teacher", str(w / "teacher"), "--student", str(w / "teacher"), "--taus", "x"],
+    ("analysis",
+     lambda w: ["--teacher", str(w / "teacher"), "--student", str(w / "teacher"), "--taus", "x"],
      "--taus must be comma-separated numbers"),
-    ("analysis", lambda w: ["--teacher", str(w / "bpe-teacher-model"), "--student", str(w / "teacher")],
+    ("analysis",
+     lambda w: ["--teacher", str(w / "bpe-teacher-model"), "--student", str(w / "teacher")],
      "incompatible vocabularies"),
-    ("analysis", lambda w: ["--teacher", str(w / "teacher"), "--student", str(w / "teacher"), "--examples", "0"],
+    ("analysis",
+     lambda w: ["--teacher", str(w / "teacher"), "--student", str(w / "teacher"), "--examples",
+                "0"],
      "--examples must be >= 1"),
-    ("responses", lambda w: ["--teacher", str(w / "teacher"), "--benchmark", "toy", "--limit", "0"], "--limit"),
-    ("responses", lambda w: ["--teacher", str(w / "teacher"), "--benchmark", "nope"], "unknown benchmark 'nope'"),
-    ("responses", lambda w: ["--teacher", "./missing", "--benchmark", "toy"], "--teacher ./missing: no such"),
+    ("responses", lambda w: ["--teacher", str(w / "teacher"), "--benchmark", "toy", "--limit", "0"],
+     "--limit"),
+    ("responses", lambda w: ["--teacher", str(w / "teacher"), "--benchmark", "nope"],
+     "unknown benchmark 'nope'"),
+    ("responses", lambda w: ["--teacher", "./missing", "--benchmark", "toy"],
+     "--teacher ./missing: no such"),
 ]
-MAINS = {"train": train.main, "evaluate": evaluate.main, "data": data.main, "analysis": analysis.main,
+MAINS = {"train": train.main, "evaluate": evaluate.main, "data": data.main,
+         "analysis": analysis.main,
          "responses": responses.main}
 
 
-@pytest.mark.parametrize("entry, argv, names", CASES, ids=[f"{e}-{i}" for i, (e, _, _) in enumerate(CASES)])
-def test_bad_input_stops_at_the_door_with_one_line(entry, argv, names, world, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("entry, argv, names", CASES,
+                         ids=[f"{e}-{i}" for i, (e, _, _) in enumerate(CASES)])
+def test_bad_input_stops_at_the_door_with_one_line(entry, argv, names, world, tmp_path, monkeypatch,
+                                                   capsys):
     monkeypatch.chdir(tmp_path)  # relative paths (data/, runs/) land in an empty folder
     with pytest.raises(SystemExit) as stop:
         checks.run_cli(lambda: MAINS[entry](argv(world)))
@@ -156,17 +192,21 @@ def test_bad_input_stops_at_the_door_with_one_line(entry, argv, names, world, tm
                                         (dict(TAUS="1 0"), "TAUS: '0' is not a number > 0"),
                                         (dict(TAUS="1 x"), "TAUS: 'x' is not a number > 0"),
                                         (dict(SEEDS="1 x"), "SEEDS: 'x' is not a whole number"),
-                                        (dict(RESPONSES="teachers"), "RESPONSES must be teacher or dataset"),
-                                        (dict(STUDENT_GEN_RATIO="1.5"), "STUDENT_GEN_RATIO must be a number in [0, 1]")])
+                                        (dict(RESPONSES="teachers"),
+                                         "RESPONSES must be teacher or dataset"),
+                                        (dict(STUDENT_GEN_RATIO="1.5"),
+                                         "STUDENT_GEN_RATIO must be a number in [0, 1]")])
 def test_sweep_checks_its_settings_before_the_first_run_also_in_a_dry_run(env, names, tmp_path):
     env = {**os.environ, "DRY_RUN": "1", "PRESET": "toy", "RUNS": str(tmp_path / "runs"), **env}
-    result = subprocess.run(["bash", os.path.join(ROOT, "sweep.sh")], env=env, capture_output=True, text=True,
+    result = subprocess.run(["bash", os.path.join(ROOT, "sweep.sh")], env=env, capture_output=True,
+                            text=True,
                             timeout=120, cwd=tmp_path)
     assert result.returncode != 0 and names in result.stderr, result.stderr
     assert "train.py" not in result.stdout, "no run is printed or started"
 
 
-KD = ["--preset", "toy", "--student", "toy-tiny", "--loss", "rkl", "--tau", "2", "--data", "toy", "--responses",
+KD = ["--preset", "toy", "--student", "toy-tiny", "--loss", "rkl", "--tau", "2", "--data", "toy",
+      "--responses",
       "dataset", "--train-examples", "64", "--valid-examples", "4", "--valid-max-new-tokens", "8",
       "--eval-benchmarks", "", "--log-every", "1", "--batch-size", "8", "--epochs", "2"]
 
@@ -192,18 +232,21 @@ def test_a_signal_finishes_the_step_writes_last_pt_and_the_resumed_run_equals_a_
     assert stop.value.code == 128 + signum
     err = capsys.readouterr().err
     assert "Resume with:" in err and "train.py" in err and "--resume" in err
-    assert torch.load(tmp_path / "cut/last.pt", weights_only=True)["state"]["step"] == 5  # step 5 was finished
+    # step 5 was finished
+    assert torch.load(tmp_path / "cut/last.pt", weights_only=True)["state"]["step"] == 5
     assert signal.getsignal(signum) is handler_before  # the handler is restored
     monkeypatch.setattr(train, "train_step", step)
     train.main([*cut, "--resume"])
     straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "cut")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    steps = [json.loads(line)["step"] for line in open(tmp_path / "cut/log.jsonl") if '"loss"' in line]
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "cut/log.jsonl")
+             if '"loss"' in line]
     assert steps == list(range(1, 17))  # no step logged twice
     assert (tmp_path / "cut/finished.json").is_file()
 
 
-def test_a_non_finite_loss_stops_the_run_and_leaves_no_best_and_no_finished(world, tmp_path, monkeypatch):
+def test_a_non_finite_loss_stops_the_run_and_leaves_no_best_and_no_finished(world, tmp_path,
+                                                                            monkeypatch):
     real = train.distill_loss_chunked
     calls = []
 
@@ -217,7 +260,8 @@ def test_a_non_finite_loss_stops_the_run_and_leaves_no_best_and_no_finished(worl
     assert not (tmp_path / "run/best").exists() and not (tmp_path / "run/finished.json").exists()
 
 
-def test_max_steps_validates_and_saves_best_but_is_not_finished_and_stale_temp_files_go(world, tmp_path):
+def test_max_steps_validates_and_saves_best_but_is_not_finished_and_stale_temp_files_go(world,
+                                                                                        tmp_path):
     out = tmp_path / "run"
     train.main([*KD, "--teacher", str(world / "teacher"), "--out", str(out), "--max-steps", "3"])
     assert (out / "best/model.safetensors").is_file() and not (out / "finished.json").exists()
@@ -234,4 +278,5 @@ def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
     with pytest.raises(FileNotFoundError, match="'runs/teacher' does not exist"):
         from model import GPT
-        GPT.from_pretrained("runs/teacher")  # one slash, but runs/ is a folder here: a path, not a hub id
+        # one slash, but runs/ is a folder here: a path, not a hub id
+        GPT.from_pretrained("runs/teacher")

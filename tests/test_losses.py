@@ -1,5 +1,5 @@
-"""losses.py against float64 re-computations from explicit probabilities, the paper's gradient identities,
-and the properties each objective must have. Nothing here is shared with losses.py."""
+"""losses.py against float64 re-computations from explicit probabilities, the paper's gradient
+identities, and the properties each objective must have. Nothing here is shared with losses.py."""
 import math
 
 import pytest
@@ -11,8 +11,10 @@ from losses import LOSSES, ce_loss, distill_loss, distill_loss_chunked
 
 torch.set_default_dtype(torch.float32)
 NAMES = list(LOSSES)
-# the plain form (what a reader meets first) and the chunked engine (what train.py uses) must both pass
-IMPLEMENTATIONS = pytest.mark.parametrize("distill", [distill_loss, distill_loss_chunked], ids=["plain", "chunked"])
+# the plain form (what a reader meets first) and the chunked engine (what train.py uses) must both
+# pass
+IMPLEMENTATIONS = pytest.mark.parametrize("distill", [distill_loss, distill_loss_chunked],
+                                          ids=["plain", "chunked"])
 
 
 def batch(B=3, T=7, V=11, seed=0, scale=2.0):
@@ -25,7 +27,7 @@ def batch(B=3, T=7, V=11, seed=0, scale=2.0):
     return student, teacher, labels
 
 
-# ---- float64 references, written out from explicit probability vectors -----------------------------------------
+# ---- float64 references, written out from explicit probability vectors ---------------------------
 
 def kl64(a, b):
     return sum(a[i] * math.log(a[i] / b[i]) for i in range(len(a)) if a[i] > 0)
@@ -64,8 +66,8 @@ def reference_token(name, p, q, t, hp):
         return g_head * kl64(p, q) + (1 - g_head) * kl64(q, p)
     if name == "ab":
         a, b = hp.get("alpha", 0.2), hp.get("beta", 0.7)
-        return -1 / (a * b) * sum(p[i] ** a * q[i] ** b - a / (a + b) * p[i] ** (a + b) - b / (a + b) * q[i] ** (a + b)
-                                  for i in range(V))
+        return -1 / (a * b) * sum(p[i] ** a * q[i] ** b - a / (a + b) * p[i] ** (a + b)
+                                  - b / (a + b) * q[i] ** (a + b) for i in range(V))
     if name == "drkl":
         g = hp.get("gamma", 0.5)
         q_hat = [q[i] / (1 - q[t]) for i in range(V) if i != t]
@@ -104,22 +106,27 @@ def test_each_objective_equals_float64_reference(name, tau, distill):
     assert abs(got - want) <= 1e-6 * max(1.0, abs(want)), (got, want)
 
 
-@pytest.mark.parametrize("name,hp", [("sym", dict(weight=0.3)), ("js", dict(beta=0.2)), ("sfkl", dict(alpha=0.4)),
-                                     ("srkl", dict(alpha=0.3)), ("akl", dict(mu=0.8)), ("ab", dict(alpha=0.5, beta=1.3)),
+@pytest.mark.parametrize("name,hp",
+                         [("sym", dict(weight=0.3)), ("js", dict(beta=0.2)),
+                          ("sfkl", dict(alpha=0.4)),
+                                     ("srkl", dict(alpha=0.3)), ("akl", dict(mu=0.8)),
+                          ("ab", dict(alpha=0.5, beta=1.3)),
                                      ("ab", dict(alpha=-0.3, beta=1.0)), ("drkl", dict(gamma=0.9))])
 def test_hyper_parameters_reach_the_objective(name, hp):
     student, teacher, labels = batch(seed=5)
     got = distill_loss(name, student, teacher, labels, tau=2.0, **hp).item()
-    assert abs(got - reference_loss(name, student, teacher, labels, 2.0, hp)) <= 1e-6 * max(1, abs(got))
+    want = reference_loss(name, student, teacher, labels, 2.0, hp)
+    assert abs(got - want) <= 1e-6 * max(1, abs(got))
 
 
 def test_ce_is_next_token_cross_entropy():
     student, _, labels = batch(seed=1)
-    want = torch.nn.functional.cross_entropy(student.double().reshape(-1, 11), labels.reshape(-1), ignore_index=-100)
+    want = torch.nn.functional.cross_entropy(student.double().reshape(-1, 11), labels.reshape(-1),
+                                             ignore_index=-100)
     assert abs(ce_loss(student, labels).item() - want.item()) <= 1e-6
 
 
-# ---- the paper's gradient identities, via autograd ------------------------------------------------------------
+# ---- the paper's gradient identities, via autograd -----------------------------------------------
 
 def per_token_grad(name, student, teacher, labels, tau):
     student = student.detach().requires_grad_()
@@ -164,14 +171,15 @@ def test_prop_2_1_both_gradients_tend_to_the_logit_gap():
         assert (scaled - limit).abs().max() <= 0.01 * limit.abs().max(), name
 
 
-# ---- properties ---------------------------------------------------------------------------------------------------
+# ---- properties ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", NAMES)
 def test_nonnegative_and_zero_at_equality_even_after_a_shift(name):
     student, teacher, labels = batch(seed=6)
     for tau in (0.5, 1.0, 3.0):
         assert distill_loss(name, student, teacher, labels, tau=tau).item() >= -1e-7
-        same = distill_loss(name, teacher + 7.5, teacher, labels, tau=tau).item()  # a constant shift: same q
+        # a constant shift: same q
+        same = distill_loss(name, teacher + 7.5, teacher, labels, tau=tau).item()
         assert abs(same) <= 1e-5, (name, tau, same)
 
 
@@ -191,11 +199,15 @@ def test_mixtures_and_their_end_points():
     student, teacher, labels = batch(seed=8)
     f = lambda name, **hp: distill_loss(name, student, teacher, labels, tau=2.0, **hp).item()
     assert abs(f("sym") - 0.5 * (f("fkl") + f("rkl"))) <= 1e-6
-    assert abs(f("js") - distill_loss("js", teacher, student, labels, tau=2.0).item()) <= 1e-6  # symmetric at 0.5
-    assert abs(f("sfkl", alpha=1e-7) - f("fkl")) <= 1e-5 and abs(f("srkl", alpha=1e-7) - f("rkl")) <= 1e-5
+    # symmetric at 0.5
+    assert abs(f("js") - distill_loss("js", teacher, student, labels, tau=2.0).item()) <= 1e-6
+    assert abs(f("sfkl", alpha=1e-7) - f("fkl")) <= 1e-5 and abs(f("srkl",
+                                                                   alpha=1e-7) - f("rkl")) <= 1e-5
     assert f("sfkl", alpha=0.0) == pytest.approx(f("fkl"), abs=1e-6)
-    assert f("js", beta=0.0) == pytest.approx(f("fkl")) and f("js", beta=1.0) == pytest.approx(f("rkl"))
-    assert f("js", beta=1e-4) / 1e-4 == pytest.approx(f("fkl"), rel=1e-2)  # small beta: proportional to FKL
+    assert f("js", beta=0.0) == pytest.approx(f("fkl")) and f("js",
+                                                              beta=1.0) == pytest.approx(f("rkl"))
+    # small beta: proportional to FKL
+    assert f("js", beta=1e-4) / 1e-4 == pytest.approx(f("fkl"), rel=1e-2)
 
 
 def test_rkl_decomposes_exactly_and_drkl_with_gamma_one_minus_qt_reproduces_it():
@@ -244,11 +256,13 @@ def test_sum_reduction_and_tau_squared():
     student, teacher, labels = batch(seed=11)
     n = int((labels != -100).sum())
     mean = distill_loss("fkl", student, teacher, labels, tau=3.0)
-    assert distill_loss("fkl", student, teacher, labels, tau=3.0, reduction="sum").item() == pytest.approx(n * mean.item())
-    assert distill_loss("fkl", student, teacher, labels, tau=3.0, tau_sq=True).item() == pytest.approx(9 * mean.item())
+    assert distill_loss("fkl", student, teacher, labels, tau=3.0,
+                        reduction="sum").item() == pytest.approx(n * mean.item())
+    assert distill_loss("fkl", student, teacher, labels, tau=3.0,
+                        tau_sq=True).item() == pytest.approx(9 * mean.item())
 
 
-# ---- numerics -------------------------------------------------------------------------------------------------------
+# ---- numerics ------------------------------------------------------------------------------------
 
 @IMPLEMENTATIONS
 @pytest.mark.parametrize("name", NAMES)
@@ -282,7 +296,7 @@ def test_neg_inf_vocabulary_columns_contribute_nothing(name, distill):
     assert torch.allclose(wide_s.grad[..., :11], narrow_s.grad, atol=1e-7)
 
 
-# ---- bad input ------------------------------------------------------------------------------------------------------
+# ---- bad input -----------------------------------------------------------------------------------
 
 def test_bad_input_is_named():
     student, teacher, labels = batch()
@@ -293,12 +307,16 @@ def test_bad_input_is_named():
             distill_loss("fkl", student, teacher, labels, tau=tau)
     with pytest.raises(ValueError, match="vocabulary mismatch"):
         distill_loss("fkl", student, teacher[..., :10], labels)
-    with pytest.raises(ValueError, match="fkl has no hyper-parameter 'temperature' \\(it takes none\\)"):
+    with pytest.raises(ValueError,
+                       match="fkl has no hyper-parameter 'temperature' \\(it takes none\\)"):
         distill_loss("fkl", student, teacher, labels, temperature=2)
-    with pytest.raises(ValueError, match="fkl has no hyper-parameter 'alpha'"):  # not silently ignored
+    # not silently ignored
+    with pytest.raises(ValueError, match="fkl has no hyper-parameter 'alpha'"):
         distill_loss("fkl", student, teacher, labels, alpha=0.3)
-    for name, hp, domain in (("sfkl", dict(alpha=1.5), r"\[0, 1\)"), ("drkl", dict(gamma=-0.1), r"\(0, inf\)"),
-                             ("ab", dict(alpha=float("nan")), r"\(-inf, inf\)"), ("sym", dict(weight=2), r"\[0, 1\]")):
+    for name, hp, domain in (("sfkl", dict(alpha=1.5), r"\[0, 1\)"),
+                             ("drkl", dict(gamma=-0.1), r"\(0, inf\)"),
+                             ("ab", dict(alpha=float("nan")), r"\(-inf, inf\)"),
+                             ("sym", dict(weight=2), r"\[0, 1\]")):
         with pytest.raises(ValueError, match=f"{name}: {next(iter(hp))} must be in {domain}"):
             distill_loss(name, student, teacher, labels, **hp)
     with pytest.raises(ValueError, match="labels"):
@@ -328,7 +346,8 @@ def test_a_second_backward_is_refused_not_silently_wrong():
 @pytest.mark.parametrize("tau", [0.5, 3.0])
 def test_chunked_engine_equals_the_plain_form_in_value_and_gradient(name, tau):
     student, teacher, labels = batch(B=3, T=7, V=19, seed=11)
-    teacher[..., 4] = float("-inf")  # a masked vocabulary entry (never a target: its probability is 0)
+    # a masked vocabulary entry (never a target: its probability is 0)
+    teacher[..., 4] = float("-inf")
     labels = labels.masked_fill(labels == 4, 5)
     grads, values = [], []
     for distill in (distill_loss, distill_loss_chunked):
