@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
-# The paper's grid: every objective x every KD temperature, each best checkpoint evaluated over the preset's sampling
-# seeds, then the tables and plots of `python evaluate.py summarize`.
+# The paper's grid: every objective x every KD temperature, each best checkpoint evaluated over the
+# preset's sampling seeds, then the tables and plots of `python evaluate.py summarize`.
 #
 #   bash sweep.sh                                  # PRESET=gpt2 on every GPU of this machine
 #   PRESET=toy bash sweep.sh                       # the offline toy study, 3 seeds, on 2 CPU cores
-#   PRESET=toy RESPONSES=dataset bash sweep.sh     # the same grid on the dataset's responses, into runs/toy-dataset
+#   PRESET=toy RESPONSES=dataset bash sweep.sh     # on dataset responses, into runs/toy-dataset
 #   PRESET=opt NPROC=8 LOSSES="fkl rkl" TAUS="1 3" bash sweep.sh
 #   DRY_RUN=1 bash sweep.sh                        # print every command, run nothing
-#   PRESET=toy STUDENT_GEN_RATIO=0.5 LOSSES="fkl rkl" TAUS="1 2 3" bash sweep.sh   # beyond the paper: on-policy
+#   PRESET=toy STUDENT_GEN_RATIO=0.5 LOSSES="fkl rkl" TAUS="1 2 3" bash sweep.sh  # on-policy steps
 #
-# Finished runs (best/eval/results.json present) are skipped and interrupted ones resumed, so the same command
-# continues an interrupted sweep. EXTRA="--micro-batch-size 4" passes flags to every train.py call.
-# RESPONSES=teacher (the paper's setting, default) trains on the teacher's responses: the first run samples them
-# once (shared out over its NPROC processes) into data/responses/, and every later run reads that file; runs are
-# sequential, so none races to make them.
-# STUDENT_GEN_RATIO (default 0, the paper's off-policy setting) is train.py's --student-gen-ratio: the share of steps
-# whose KD loss is taken on the student's own sampled responses; its runs go to runs/<preset>-gen<ratio>.
+# Finished runs (best/eval/results.json present) are skipped and interrupted ones resumed, so the
+# same command continues an interrupted sweep. EXTRA="--micro-batch-size 4" passes flags to every
+# train.py call.
+# RESPONSES=teacher (the paper's setting, default) trains on the teacher's responses: the first run
+# samples them once (shared out over its NPROC processes) into data/responses/, and every later run
+# reads that file; runs are sequential, so none races to make them.
+# STUDENT_GEN_RATIO (default 0, the paper's off-policy setting; beyond the paper) is train.py's
+# --student-gen-ratio: the share of steps whose KD loss is taken on the student's own sampled
+# responses; its runs go to runs/<preset>-gen<ratio>.
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)   # run directories are relative to where you call it from, as for train.py
+HERE=$(cd "$(dirname "$0")" && pwd)  # run directories are relative to where you call it from
 
 fail() { echo "error: $*" >&2; exit 2; }
 PRESET=${PRESET:-gpt2}
@@ -42,8 +44,8 @@ fi
 RUNS=${RUNS:-$RUNS_NAME}
 EXTRA=${EXTRA:-}
 PYTHON=${PYTHON:-python}
-# Each preset's teacher and student (train.py's PRESETS; tests/test_train.py checks the two agree), benchmarks,
-# processes and seeds
+# Each preset's teacher and student (train.py's PRESETS; tests/test_train.py checks the two agree),
+# benchmarks, processes and seeds
 case "$PRESET" in
   gpt2) TEACHER=MiniLLM/teacher-gpt2-1.5B; STUDENT=gpt2 ;;
   opt) TEACHER=runs/opt/teacher/best; STUDENT=facebook/opt-1.3b ;;
@@ -60,15 +62,20 @@ else
   SEEDS=${SEEDS:-"1"}                      # training seeds
   EVAL_SEEDS=${EVAL_SEEDS:-10,20,30,40,50} # the protocol's sampling seeds
 fi
-# Every setting is checked before the first run (also with DRY_RUN), so a typo never runs half a grid
+# Every setting is checked before the first run (also with DRY_RUN): a typo never runs half a grid
 for tau in $TAUS; do
-  [[ "$tau" =~ ^[0-9]*\.?[0-9]+$ && ! "$tau" =~ ^[0.]+$ ]] || fail "TAUS: '$tau' is not a number > 0"
+  [[ "$tau" =~ ^[0-9]*\.?[0-9]+$ && ! "$tau" =~ ^[0.]+$ ]] ||
+    fail "TAUS: '$tau' is not a number > 0"
 done
-for seed in $SEEDS; do [[ "$seed" =~ ^[0-9]+$ ]] || fail "SEEDS: '$seed' is not a whole number"; done
-[[ -n "${LOSSES// /}" && -n "${TAUS// /}" && -n "${SEEDS// /}" ]] || fail "LOSSES, TAUS and SEEDS must not be empty"
+for seed in $SEEDS; do
+  [[ "$seed" =~ ^[0-9]+$ ]] || fail "SEEDS: '$seed' is not a whole number"
+done
+[[ -n "${LOSSES// /}" && -n "${TAUS// /}" && -n "${SEEDS// /}" ]] ||
+  fail "LOSSES, TAUS and SEEDS must not be empty"
 PYTHONPATH="$HERE" $PYTHON -c "import sys, losses
 bad = [loss for loss in '$LOSSES'.split() if loss not in losses.LOSSES]
-if bad: sys.exit(f'error: LOSSES: unknown objective {bad[0]!r}: choose from {\" \".join(losses.LOSSES)}')"
+known = ' '.join(losses.LOSSES)
+if bad: sys.exit(f'error: LOSSES: unknown objective {bad[0]!r}: choose from {known}')"
 
 run() {  # print, then run unless DRY_RUN is set
   echo "+ $*"
@@ -79,7 +86,8 @@ if [ "$NPROC" -gt 1 ]; then LAUNCH=(torchrun --nproc_per_node "$NPROC"); else LA
 
 evaluate() {  # evaluate() MODEL_DIR: the protocol's sampled ROUGE-L over every benchmark and seed
   if [ -f "$1/eval/results.json" ]; then echo "= $1 already evaluated"; return; fi
-  run "$PYTHON" "$HERE/evaluate.py" --model "$1" --benchmarks "$BENCHMARKS" --seeds "$EVAL_SEEDS" --out "$1/eval"
+  run "$PYTHON" "$HERE/evaluate.py" --model "$1" --benchmarks "$BENCHMARKS" --seeds "$EVAL_SEEDS" \
+    --out "$1/eval"
 }
 
 for seed in $SEEDS; do
@@ -87,21 +95,23 @@ for seed in $SEEDS; do
     for tau in $TAUS; do
       if [[ " $TAU1_ONLY " == *" $loss "* ]] && [ "$tau" != 1 ]; then continue; fi
       out="$RUNS/$loss-tau$tau-seed$seed"
-      if [ ! -f "$out/finished.json" ] || [ ! -f "$out/best/config.json" ]; then  # only a whole run is skipped
+      # only a whole run is skipped
+      if [ ! -f "$out/finished.json" ] || [ ! -f "$out/best/config.json" ]; then
         resume=()
         if [ -f "$out/last.pt" ]; then resume=(--resume); fi
         # train.py evaluates best/ itself when it finishes (one process start less per run)
         # shellcheck disable=SC2086
-        run "${LAUNCH[@]}" "$HERE/train.py" --preset "$PRESET" --loss "$loss" --tau "$tau" --seed "$seed" --out "$out" \
-          --responses "$RESPONSES" --eval-benchmarks "$BENCHMARKS" --eval-seeds "$EVAL_SEEDS" "${GEN[@]}" "${resume[@]}" \
-          $EXTRA
+        run "${LAUNCH[@]}" "$HERE/train.py" --preset "$PRESET" --loss "$loss" --tau "$tau" \
+          --seed "$seed" --out "$out" --responses "$RESPONSES" --eval-benchmarks "$BENCHMARKS" \
+          --eval-seeds "$EVAL_SEEDS" "${GEN[@]}" "${resume[@]}" $EXTRA
       fi
       evaluate "$out/best"  # a run trained earlier without its evaluation
     done
   done
 done
 
-# The teacher's row of the tables: a local teacher directory is scored in place; a hub teacher into $RUNS/teacher.
+# The teacher's row of the tables: a local teacher directory is scored in place; a hub teacher into
+# $RUNS/teacher.
 if [ -d "$TEACHER" ]; then
   evaluate "$TEACHER"
 else
@@ -110,9 +120,11 @@ else
     echo "{\"mode\": \"sft\", \"student\": \"$TEACHER\"}" > "$RUNS/teacher/args.json"
   fi
   if [ ! -f "$RUNS/teacher/best/eval/results.json" ]; then
-    run "$PYTHON" "$HERE/evaluate.py" --model "$TEACHER" --benchmarks "$BENCHMARKS" --seeds "$EVAL_SEEDS" --out "$RUNS/teacher/best/eval"
+    run "$PYTHON" "$HERE/evaluate.py" --model "$TEACHER" --benchmarks "$BENCHMARKS" \
+      --seeds "$EVAL_SEEDS" --out "$RUNS/teacher/best/eval"
   fi
 fi
-# A student made by SFT inside the project (the toy's warm start) gets a row too: what distillation starts from.
+# A student made by SFT inside the project (the toy's warm start) gets a row too: what distillation
+# starts from.
 if [ -d "$STUDENT" ]; then evaluate "$STUDENT"; fi
 run "$PYTHON" "$HERE/evaluate.py" summarize "$RUNS"
