@@ -4,6 +4,7 @@ section 4).
     python evaluate.py --model runs/toy/fkl-tau3/best --benchmarks toy,toy-hard --seeds 10,20,30
     python evaluate.py --model runs/gpt2/fkl-tau3/best    # dolly, self-inst, vicuna, sinst, uinst
     python evaluate.py summarize runs/toy    # Table 1 / Table 2 layout, heatmap and tau curves
+    python evaluate.py compare runs/toy runs/toy-dataset --names teacher,dataset  # grids by tau
 
 Decoding follows the protocol: ancestral sampling at decode temperature 1 (not the KD temperature
 tau: the two are separate settings), no top-k, top-p 1, no_repeat_ngram_size 6, at most 256 new
@@ -306,9 +307,87 @@ def claims(runs, averaged):
             "4. best τ (paper: 2.5-3.5): " + ", ".join(f"{o} {t:g}" for o, t in best.items())]
 
 
+def compare(runs_dirs, names, objectives=("fkl", "rkl"), eval_name="eval", out_dir=None):
+    """Several grids side by side (teacher vs dataset responses, on-policy ratios, ...): for each
+    objective, ROUGE-L (averaged as in summarize) at every τ of every grid, mean ± std over training
+    seeds; then, per grid, τ = 1, the best τ, and the gain of the best τ over τ = 1 as a paired
+    difference of the same training seed's runs (mean ± std, and how many seeds gain). Writes
+    compare.md and compare.png to out_dir when given. Returns the markdown."""
+    by_seed = []  # per grid: {(objective, tau): {training seed: averaged ROUGE-L}}
+    for runs_dir in runs_dirs:
+        runs = [r for r in collect_runs(runs_dir, eval_name) if r[1].get("mode") != "sft"]
+        benchmarks = sorted({b for _, _, results in runs for b in results})
+        averaged = [b for b in PAPER_AVERAGE if b in benchmarks] or benchmarks
+        cells = {}
+        for _, args, results in runs:
+            if args["loss"] in objectives and all(b in results for b in averaged):
+                value = statistics.fmean(statistics.fmean(results[b]["scores"].values())
+                                         for b in averaged)
+                cells.setdefault((args["loss"], float(args["tau"])), {})[args.get("seed")] = value
+        if not cells:
+            raise FileNotFoundError(f"no finished runs of {', '.join(objectives)} under {runs_dir}")
+        by_seed.append(cells)
+    taus = sorted({t for cells in by_seed for _, t in cells})
+    fmt = lambda seeds: (f"{statistics.fmean(seeds.values()):.2f} ± "
+                         f"{statistics.stdev(seeds.values()) if len(seeds) > 1 else 0:.2f}")
+    columns = [(o, i) for o in objectives for i in range(len(by_seed))]
+    lines = [f"## ROUGE-L by τ ({eval_name}); mean ± std over training seeds", "",
+             "| τ | " + " | ".join(f"{o.upper()}, {names[i]}" for o, i in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for t in taus:
+        row = [fmt(by_seed[i][(o, t)]) if (o, t) in by_seed[i] else "" for o, i in columns]
+        lines.append(f"| {t:g} | " + " | ".join(row) + " |")
+    lines += ["", "## Best τ against τ = 1, per grid (gain: paired per training seed)", "",
+              "| objective | grid | τ = 1 | best τ | at best τ | gain over τ = 1 |",
+              "|---|---|---|---|---|---|"]
+    for o, i in columns:
+        cells = {t: seeds for (obj, t), seeds in by_seed[i].items() if obj == o}
+        if 1.0 not in cells:
+            continue
+        best = max(sorted(cells), key=lambda t: statistics.fmean(cells[t].values()))
+        diffs = [cells[best][s] - cells[1.0][s] for s in sorted(cells[best]) if s in cells[1.0]]
+        spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        gain = (f"{statistics.fmean(diffs):+.2f} ± {spread:.2f} ({sum(d > 0 for d in diffs)} of "
+                f"{len(diffs)} seeds > 0)" if best != 1.0 else "none: τ = 1 is best")
+        lines.append(f"| {o.upper()} | {names[i]} | {fmt(cells[1.0])} | {best:g} | "
+                     f"{fmt(cells[best])} | {gain} |")
+    table = "\n".join(lines)
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "compare.md").write_text(table + "\n")
+        curves = {f"{o.upper()}, {names[i]}": [(t, statistics.fmean(v.values()),
+                                                 statistics.stdev(v.values()) if len(v) > 1 else 0)
+                                                for (obj, t), v in sorted(by_seed[i].items())
+                                                if obj == o]
+                  for o, i in columns}
+        plots.compare_curves(curves, f"ROUGE-L ({eval_name})", Path(out_dir) / "compare.png")
+    return table
+
+
 def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        parser = argparse.ArgumentParser(prog="evaluate.py compare",
+                                         description="several grids side by side, by tau")
+        parser.add_argument("runs_dirs", nargs="+")
+        parser.add_argument("--names", help="one label per grid, comma-separated (default: the "
+                            "directories)")
+        parser.add_argument("--objectives", default="fkl,rkl")
+        parser.add_argument("--eval-name", default="eval", help="e.g. eval-greedy")
+        parser.add_argument("--out", help="where compare.md and compare.png go")
+        args = parser.parse_args(argv[1:])
+        for runs_dir in args.runs_dirs:
+            if not os.path.isdir(runs_dir):
+                checks.fail(f"{runs_dir}: no such directory of runs")
+        names = args.names.split(",") if args.names else args.runs_dirs
+        if len(names) != len(args.runs_dirs):
+            checks.fail(f"--names gives {len(names)} labels for {len(args.runs_dirs)} grids")
+        objectives = args.objectives.split(",")
+        if unknown := [o for o in objectives if o not in LOSSES]:
+            checks.fail(f"--objectives: unknown objective {unknown[0]!r}")
+        print(compare(args.runs_dirs, names, objectives, args.eval_name, args.out))
+        return
     if argv[:1] == ["summarize"]:
         parser = argparse.ArgumentParser(prog="evaluate.py summarize",
                                          description="collect runs into tables")

@@ -113,3 +113,23 @@ def gradient_analysis(rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def compare_curves(curves, title, path):
+    """evaluate.py compare's figure: {label: [(tau, mean, std)]}, a line per objective and grid."""
+    plt = pyplot(path)
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, points in curves.items():
+        if points:
+            t, v, err = zip(*points)
+            ax.errorbar(t, v, yerr=err, marker="o", capsize=2, label=label,
+                        linestyle="-" if label.startswith("FKL") else "--")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("KD temperature τ")
+    ax.set_ylabel("ROUGE-L")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checks
 import data
 import evaluate
 from model import GPT, GPTConfig
@@ -106,6 +107,39 @@ def test_summarize_checks_the_claims_with_per_seed_paired_differences(tmp_path):
             "(3 of 3 seeds > 0)") in table
     assert "3. gain of the best τ over τ = 1: fkl +7.00 ± 3.00 (3 of 3 seeds > 0)\n" in table
     assert "4. best τ (paper: 2.5-3.5): fkl 2, rkl 1" in table
+
+
+def test_compare_puts_grids_side_by_side_with_paired_gains(tmp_path):
+    grids = {"off": {("fkl", 1.0): [20, 22, 21], ("fkl", 2.0): [30, 26, 28],
+                     ("rkl", 1.0): [25, 23, 27]},
+             "on": {("fkl", 1.0): [30, 31, 32], ("fkl", 2.0): [29, 30, 31],
+                    ("rkl", 1.0): [20, 20, 20], ("rkl", 2.0): [21, 19, 23]}}
+    for grid, scores in grids.items():
+        for (loss, tau), per_seed in scores.items():
+            for seed, value in enumerate(per_seed, 1):
+                run = tmp_path / grid / f"{loss}-tau{tau:g}-seed{seed}"
+                (run / "best" / "eval").mkdir(parents=True)
+                (run / "args.json").write_text(json.dumps({"loss": loss, "tau": tau, "mode": "kd",
+                                                           "seed": seed}))
+                (run / "best" / "eval" / "results.json").write_text(json.dumps(
+                    {"benchmarks": {"toy": {"scores": {"10": value - 2, "20": value + 2}}}}))
+    table = evaluate.compare([str(tmp_path / "off"), str(tmp_path / "on")], ["λ=0", "λ=1"],
+                             out_dir=str(tmp_path / "cmp"))
+    # by hand: means and sample stds over the three seeds; an absent cell stays empty
+    assert "| τ | FKL, λ=0 | FKL, λ=1 | RKL, λ=0 | RKL, λ=1 |" in table
+    assert "| 1 | 21.00 ± 1.00 | 31.00 ± 1.00 | 25.00 ± 2.00 | 20.00 ± 0.00 |" in table
+    assert "| 2 | 28.00 ± 2.00 | 30.00 ± 1.00 |  | 21.00 ± 2.00 |" in table
+    # FKL off-policy gains 10, 4, 7 at its best tau 2; on-policy tau 1 is best; RKL on: +1, -1, +3
+    assert ("| FKL | λ=0 | 21.00 ± 1.00 | 2 | 28.00 ± 2.00 | +7.00 ± 3.00 (3 of 3 seeds > 0) |"
+            in table)
+    assert "| FKL | λ=1 | 31.00 ± 1.00 | 1 | 31.00 ± 1.00 | none: τ = 1 is best |" in table
+    assert ("| RKL | λ=1 | 20.00 ± 0.00 | 2 | 21.00 ± 2.00 | +1.00 ± 2.00 (2 of 3 seeds > 0) |"
+            in table)
+    assert (tmp_path / "cmp" / "compare.md").read_text().strip() == table.strip()
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="--names gives 1 labels for 2 grids"):
+        checks.run_cli(lambda: evaluate.main(["compare", str(tmp_path / "off"),
+                                              str(tmp_path / "on"), "--names", "x"]))
 
 
 def test_protocol_ngram_block_is_six_bpe_tokens(tmp_path):
