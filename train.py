@@ -576,6 +576,8 @@ def train(args):
                 elapsed, step_started = time.time() - step_started, time.time()
                 tokens = sum(int(b[1].sum()) for pair in micro_batches for b in pair if b)
                 stats["tokens_per_s"] = tokens * world_size / max(elapsed, 1e-9)
+                if on_gpu:  # this process's high-water mark of allocated GPU memory so far
+                    stats["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 bar.update(1)
                 postfix = dict(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}",
                                tok_s=f"{stats['tokens_per_s']:.0f}")
