@@ -38,7 +38,10 @@ SEED = 0     # chunk k samples with seed SEED * 1_000_003 + k
 CHUNK = 64   # prompts per chunk: the unit of resuming and of sharing out over processes
 DECODING = dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=256, no_repeat_ngram_size=0)
 # What must agree between a cached file and a run for the run to use it (the rest is information)
-MUST_MATCH = ("teacher_fingerprint", "benchmark", "seed", "chunk", "decoding", "max_prompt_len")
+# What makes two files of responses the same: sampled in another dtype, the same teacher answers
+# otherwise (train.py samples in its --teacher-dtype: bfloat16 on GPU, float32 on CPU)
+MUST_MATCH = ("teacher_fingerprint", "teacher_dtype", "benchmark", "seed", "chunk", "decoding",
+              "max_prompt_len")
 
 
 def fingerprint(teacher_name):
@@ -182,6 +185,9 @@ def main(argv=None):
     parser.add_argument("--max-prompt-len", type=int, default=256)
     parser.add_argument("--data-dir", default=data.DATA_DIR)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        help="the teacher's weights while it samples (default, as train.py: "
+                        "bfloat16 on GPU, float32 on CPU); part of what the cache must match")
     args = parser.parse_args(argv)
     checks.checkpoint("--teacher", args.teacher)  # the door (checks.py)
     checks.benchmark("--benchmark", args.benchmark, args.data_dir, split="train")
@@ -191,13 +197,14 @@ def main(argv=None):
     import torch
     from model import GPT
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = GPT.from_pretrained(args.teacher, device=device)
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    teacher = GPT.from_pretrained(args.teacher, dtype=getattr(torch, dtype), device=device)
     tokenizer = data.load_tokenizer("toy" if args.benchmark.startswith("toy") else args.teacher)
     teacher_fingerprint = fingerprint(args.teacher)
     where = cache_dir(args.data_dir, args.benchmark, teacher_fingerprint)
     records = data.load_split(args.benchmark, "train", args.data_dir)
     provenance = {"teacher": args.teacher, "teacher_fingerprint": teacher_fingerprint,
-                  "benchmark": args.benchmark}
+                  "benchmark": args.benchmark, "teacher_dtype": dtype}
     teacher_responses(teacher, tokenizer, records, args.limit, where, provenance,
                       args.max_prompt_len)
     print(f"{where / 'train.jsonl'}\n{(where / 'provenance.json').read_text()}")

@@ -137,6 +137,9 @@ def build_parser():
                    help="AdamW's, none on biases and layer norms")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", help="run directory (default: runs/<preset>/<loss>-tau<tau>)")
+    p.add_argument("--device", choices=["cuda", "cpu"],
+                   help="where to train (default: cuda when a GPU is visible, else cpu; under "
+                   "torchrun, cuda uses nccl and one GPU per process, cpu uses gloo)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="autocast dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--teacher-dtype", choices=["float32", "bfloat16"],
@@ -165,6 +168,8 @@ def build_parser():
 
 def resolve_args(args):
     """The settings that follow from others, then the door (check_args)."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.responses is None:  # the paper's setting wherever a teacher can answer the prompts
         on_benchmark = args.mode == "kd" and not args.data.endswith(".jsonl")
         args.responses = "teacher" if on_benchmark else "dataset"
@@ -187,6 +192,15 @@ def check_args(args):
     """The door (see checks.py): every flag inside its domain, every path there, before any model
     or data loads."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.device == "cuda":
+        gpus = torch.cuda.device_count()
+        on_this_machine = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if gpus == 0:
+            checks.fail("--device cuda, but no GPU is visible (CUDA_VISIBLE_DEVICES?)")
+        if on_this_machine > gpus:
+            checks.fail(f"torchrun starts {on_this_machine} processes here, but this machine has "
+                        f"{gpus} GPU(s), one per process: use --nproc_per_node {gpus}, or "
+                        "--device cpu")
     for flag in ("epochs", "batch_size", "micro_batch_size", "max_steps", "train_examples",
                  "valid_examples", "valid_max_new_tokens", "max_prompt_len", "log_every"):
         checks.at_least("--" + flag.replace("_", "-"), getattr(args, flag), 1)
@@ -252,18 +266,23 @@ def check_args(args):
 # Models, data, distributed set-up
 
 
-def setup_distributed():
+def setup_distributed(device_type):
     """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (also across nodes with
-    --nnodes); plain `python train.py` is a world of one."""
+    --nnodes); plain `python train.py` is a world of one. device_type: --device."""
+    global USES_GLOO
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():
+        return 0, 1, torch.device(device_type)
+    if device_type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         dist.init_process_group("nccl")
         return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
     dist.init_process_group("gloo")
+    USES_GLOO = True
     return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+USES_GLOO = False  # set by setup_distributed: how the process leaves (the end of this file)
 
 
 def is_scratch(name):
@@ -523,7 +542,7 @@ def micro_batches_of(examples, sampled, micro_batch_size, pad_id, device):
 
 
 def train(args):
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = setup_distributed(args.device)
     is_main = rank == 0
     on_gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
@@ -795,7 +814,7 @@ class Student:
     whole model to validate) is here."""
 
     def __init__(self, model, args, device, world_size):
-        self.raw, self.sharded = model, args.fsdp
+        self.raw, self.sharded, self.device = model, args.fsdp, device
         if args.fsdp:
             self.trained = wrap_fsdp(model, device)
         elif world_size > 1:
@@ -826,7 +845,7 @@ class Student:
             return self.raw
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state = get_model_state_dict(self.trained, options=StateDictOptions(full_state_dict=True))
-        return clone_from_state(self.raw, state)
+        return clone_from_state(self.raw, state, self.device)
 
     def whole(self, is_main):
         """A plain model to validate and save on rank 0 (under FSDP a gathered copy; every process
@@ -834,7 +853,7 @@ class Student:
         if not self.sharded:
             return self.raw
         state = gather_fsdp_state(self.trained)
-        return clone_from_state(self.raw, state) if is_main else None
+        return clone_from_state(self.raw, state, self.device) if is_main else None
 
 
 
@@ -873,13 +892,12 @@ def load_fsdp_state(fsdp_model, optimizer, checkpoint):
                              options=_full_state_options())
 
 
-def clone_from_state(model, state):
+def clone_from_state(model, state, device):
     """A plain (unsharded) copy of the student under FSDP: to validate and save (rank 0), or to
     sample on-policy responses from (every process)."""
     copy = GPT(model.cfg).to(next(iter(state.values())).device)
     copy.load_state_dict(state)
-    on_gpu = torch.cuda.is_available()
-    return copy.to(torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    return copy.to(device)
 
 
 # ==================================================================================================
@@ -940,7 +958,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     checks.run_cli(main)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available():
+    if USES_GLOO:
         # A torchrun worker on gloo (CPU) leaves without interpreter teardown. A collective issued
         # during backward holds a Python object (autograd's contextvars snapshot) and is freed by
         # one of gloo's C++ threads, which needs the GIL for that. If the thread gets there only

@@ -94,7 +94,7 @@ def test_ratio_one_takes_kd_only_on_the_students_sampled_tokens(tmp_path, monkey
 def test_half_ratio_two_processes_equal_one_process_ddp_and_fsdp(tmp_path):
     teacher = make_teacher(tmp_path)
     argv = common(teacher, "--max-steps", "4", "--student-gen-ratio", "0.5", "--micro-batch-size",
-                  "2")
+                  "2", "--device", "cpu")  # gloo on CPU for all three, also on a GPU machine
     train.main([*argv, "--out", str(tmp_path / "single")])
     run_torchrun(2, [*argv, "--out", str(tmp_path / "ddp")], tmp_path)
     run_torchrun(2, [*argv, "--fsdp", "--out", str(tmp_path / "fsdp")], tmp_path)

@@ -112,21 +112,26 @@ def test_a_cache_made_by_another_teacher_is_refused_in_one_line(tmp_path):
     # the cache copied to where the other teacher's responses would be (a copied or renamed cache
     # folder)
     shutil.copytree(made, made.parent / responses.fingerprint(str(other))[:16])
-    with pytest.raises(SystemExit,
-                       match=r"holds responses of teacher .*/teacher \(fingerprint \w{16}\), but "
-                             r"this "
-                                         r"run's teacher is .*/other \(fingerprint \w{16}\); they "
-                                         r"differ in "
-                                         r"teacher_fingerprint") as error:
+    with pytest.raises(SystemExit, match=r"holds responses of teacher .*/teacher \(fingerprint "
+                       r"\w{16}\), but this run's teacher is .*/other \(fingerprint \w{16}\); "
+                       r"they differ in teacher_fingerprint") as error:
         train.main([*common, "--teacher", str(other), "--out", str(tmp_path / "b")])
     assert "\n" not in str(error.value)
+    # the same teacher sampled in another dtype (responses.py --dtype bfloat16, the default on a
+    # GPU) answers differently: a float32 run refuses those responses
+    shutil.rmtree(tmp_path / "data/responses")
+    responses.main(["--teacher", str(teacher), "--benchmark", "toy", "--limit", "16",
+                    "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--dtype", "bfloat16"])
+    with pytest.raises(SystemExit, match=r"they differ in teacher_dtype"):
+        train.main([*common, "--teacher", str(teacher), "--device", "cpu", "--dtype", "float32",
+                    "--out", str(tmp_path / "c")])
 
 
 def test_two_gloo_processes_make_one_file_equal_to_the_one_process_file(tmp_path):
     teacher = tmp_path / "teacher"
     tiny_toy_model(teacher)
     # two chunks: one for each process
-    common = [*KD, "--teacher", str(teacher), "--train-examples", "128"]
+    common = [*KD, "--teacher", str(teacher), "--train-examples", "128", "--device", "cpu"]
     run_torchrun(2, [*common, "--data-dir", str(tmp_path / "two"), "--out", str(tmp_path / "ddp")],
                  tmp_path)
     train.main([*common, "--data-dir", str(tmp_path / "one"), "--out", str(tmp_path / "single")])

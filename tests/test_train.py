@@ -55,10 +55,10 @@ def run_torchrun(nproc, argv, cwd):
 
 def test_two_process_ddp_equals_one_process(tmp_path):
     teacher = make_teacher(tmp_path)
+    # gloo on CPU for both (--device cpu), also on a machine with a GPU
     common = ["--preset", "toy", "--teacher", str(teacher), "--student", "toy-tiny", "--loss",
-              "rkl", "--tau", "2",
-              "--batch-size", "8", "--micro-batch-size", "2", "--epochs", "1", "--max-steps", "4",
-              *TINY]
+              "rkl", "--tau", "2", "--batch-size", "8", "--micro-batch-size", "2", "--epochs", "1",
+              "--max-steps", "4", "--device", "cpu", *TINY]
     run_torchrun(2, [*common, "--out", str(tmp_path / "ddp")], tmp_path)
     train.main([*common, "--out", str(tmp_path / "single")])
     ddp, single = weights(tmp_path / "ddp"), weights(tmp_path / "single")
@@ -69,9 +69,10 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 
 def test_micro_batching_does_not_change_the_step(tmp_path):
     teacher = make_teacher(tmp_path)
+    # float32 also on a GPU (bfloat16 rounds micro-batches' sums differently)
     common = ["--preset", "toy", "--teacher", str(teacher), "--student", "toy-tiny", "--loss",
-              "fkl", "--tau", "3",
-              "--batch-size", "8", "--epochs", "1", "--max-steps", "3", *TINY]
+              "fkl", "--tau", "3", "--batch-size", "8", "--epochs", "1", "--max-steps", "3",
+              "--dtype", "float32", *TINY]
     train.main([*common, "--out", str(tmp_path / "whole")])
     train.main([*common, "--micro-batch-size", "1", "--out", str(tmp_path / "micro")])
     whole, micro = weights(tmp_path / "whole"), weights(tmp_path / "micro")
@@ -182,11 +183,22 @@ def test_errors_before_any_work(tmp_path, monkeypatch):
                                       "--out", str(tmp_path / "y")]))
 
 
+def test_device_cuda_needs_a_gpu_per_process(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SystemExit, match=r"--device cuda, but no GPU is visible"):
+        train.parse_args(["--preset", "toy", "--device", "cuda"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match=r"torchrun starts 2 processes here, but this machine has "
+                       r"1 GPU\(s\), one per process: use --nproc_per_node 1, or --device cpu"):
+        train.parse_args(["--preset", "toy", "--device", "cuda"])
+
+
 def test_fsdp_two_processes_equal_one_process_also_across_a_resume(tmp_path):
     teacher = make_teacher(tmp_path)
     common = ["--preset", "toy", "--teacher", str(teacher), "--student", "toy-tiny", "--loss",
-              "sfkl", "--tau", "2",
-              "--batch-size", "8", "--micro-batch-size", "2", "--epochs", "1", *TINY]
+              "sfkl", "--tau", "2", "--batch-size", "8", "--micro-batch-size", "2", "--epochs",
+              "1", "--device", "cpu", *TINY]
     run_torchrun(2, [*common, "--fsdp", "--max-steps", "3", "--out", str(tmp_path / "fsdp")],
                  tmp_path)
     run_torchrun(2,
