@@ -569,10 +569,7 @@ def train(args):
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
     stop_at = min(total_steps, args.max_steps or total_steps)
-    bar = tqdm(total=stop_at, initial=state["step"], disable=not is_main,
-               desc=f"{args.mode} {out.name}")
-    log = open_log(out / "log.jsonl", state["step"] if args.resume else None) if is_main else None
-    step_started = time.time()
+    progress = Progress(args, out, state, stop_at, is_main)  # the bar and log.jsonl
     stop = StopOnSignal(world_size, device)  # SIGTERM / Ctrl-C: finish the step, save, exit
     try:
         while state["step"] < stop_at:
@@ -592,20 +589,7 @@ def train(args):
                 if args.student_gen_ratio:
                     stats.update(on_policy_stats(sampled, state, world_size))
                 state["step"] += 1
-                elapsed, step_started = time.time() - step_started, time.time()
-                tokens = sum(int(b[1].sum()) for pair in micro_batches for b in pair if b)
-                stats["tokens_per_s"] = tokens * world_size / max(elapsed, 1e-9)
-                if on_gpu:  # this process's high-water mark of allocated GPU memory so far
-                    stats["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                bar.update(1)
-                postfix = dict(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}",
-                               tok_s=f"{stats['tokens_per_s']:.0f}")
-                if args.student_gen_ratio:
-                    postfix["on_policy"] = f"{stats['on_policy_share']:.2f}"
-                bar.set_postfix(postfix)
-                if is_main and (state["step"] % args.log_every == 0 or state["step"] == stop_at):
-                    log.write(json.dumps({"step": state["step"], "epoch": epoch, **stats}) + "\n")
-                    log.flush()
+                progress.step(state, epoch, stats, micro_batches, world_size, device)
                 if state["step"] >= stop_at or stop.check():
                     break
                 if args.save_every and state["step"] % args.save_every == 0:
@@ -616,13 +600,12 @@ def train(args):
             if state["step"] % steps_per_epoch == 0:  # an epoch ended
                 state["epoch"] = epoch + 1
             if state["step"] % steps_per_epoch == 0 or state["step"] == stop_at:  # or --max-steps
-                validate_and_keep_best(args, student, tokenizer, valid, state, log)
+                validate_and_keep_best(args, student, tokenizer, valid, state, progress)
             save_checkpoint(out / "last.pt", args, state, student, optimizer, is_main)
     finally:
         stop.restore()
-    bar.close()
+    progress.close()
     if is_main:
-        log.close()
         plots.loss_curves(out)
     if stop.requested:
         stop.exit(out, is_main)
@@ -638,7 +621,7 @@ def train(args):
     return out
 
 
-def validate_and_keep_best(args, student, tokenizer, valid, state, log):
+def validate_and_keep_best(args, student, tokenizer, valid, state, progress):
     """Validation ROUGE-L (sampled answers to the valid records) and CE (on their encoded
     sequences), on rank 0; best/ keeps the epoch with the best ROUGE-L (HF layout)."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -658,9 +641,8 @@ def validate_and_keep_best(args, student, tokenizer, valid, state, log):
             state["best_rouge"] = rouge
             save = lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp))
             data.atomic_dir(os.path.join(args.out, "best"), save)
-        log.write(json.dumps({"epoch": state["epoch"], "step": state["step"], "val_rouge": rouge,
-                              "val_loss": val_loss, "best": improved}) + "\n")
-        log.flush()
+        progress.write({"epoch": state["epoch"], "step": state["step"], "val_rouge": rouge,
+                        "val_loss": val_loss, "best": improved})
         tqdm.write(f"epoch {state['epoch']}: validation ROUGE-L {rouge:.2f}, CE {val_loss:.4f}"
                    + (" (best so far, saved best/)" if improved else ""))
     if world_size > 1:  # every process agrees on the best score (it is part of last.pt)
@@ -741,6 +723,45 @@ def clean_stale_files(out):
                 shutil.rmtree(path)
             else:
                 path.unlink()
+
+
+class Progress:
+    """What a run shows and logs: the tqdm bar, and on rank 0 log.jsonl."""
+
+    def __init__(self, args, out, state, stop_at, is_main):
+        self.args, self.stop_at, self.is_main = args, stop_at, is_main
+        self.bar = tqdm(total=stop_at, initial=state["step"], disable=not is_main,
+                        desc=f"{args.mode} {out.name}")
+        resumed_at = state["step"] if args.resume else None
+        self.log = open_log(out / "log.jsonl", resumed_at) if is_main else None
+        self.started = time.time()
+
+    def step(self, state, epoch, stats, micro_batches, world_size, device):
+        """After an optimizer step: its tokens/s (real tokens, all processes) and, on GPU, the peak
+        memory so far join `stats`; the bar moves; every --log-every steps, a log line."""
+        elapsed, self.started = time.time() - self.started, time.time()
+        tokens = sum(int(b[1].sum()) for pair in micro_batches for b in pair if b)
+        stats["tokens_per_s"] = tokens * world_size / max(elapsed, 1e-9)
+        if device.type == "cuda":  # this process's high-water mark of allocated GPU memory
+            stats["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        self.bar.update(1)
+        postfix = dict(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}",
+                       tok_s=f"{stats['tokens_per_s']:.0f}")
+        if "on_policy_share" in stats:
+            postfix["on_policy"] = f"{stats['on_policy_share']:.2f}"
+        self.bar.set_postfix(postfix)
+        if state["step"] % self.args.log_every == 0 or state["step"] == self.stop_at:
+            self.write({"step": state["step"], "epoch": epoch, **stats})
+
+    def write(self, record):
+        if self.is_main:
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+
+    def close(self):
+        self.bar.close()
+        if self.is_main:
+            self.log.close()
 
 
 def open_log(path, resumed_at):
