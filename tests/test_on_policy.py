@@ -15,10 +15,9 @@ from test_train import TINY, assert_trained, make_teacher, run_torchrun, weights
 
 
 def common(teacher, *extra):
+    # --max-len 320: sampled responses of up to 64 tokens
     return ["--preset", "toy", "--teacher", str(teacher), "--student", "toy-tiny", "--loss", "fkl",
-            "--tau", "2",
-            # responses up to 64 tokens
-            "--batch-size", "8", "--epochs", "1", "--max-len", "320", *TINY, *extra]
+            "--tau", "2", "--batch-size", "8", "--epochs", "1", "--max-len", "320", *TINY, *extra]
 
 
 def logged_steps(run_dir):
@@ -106,6 +105,25 @@ def test_half_ratio_two_processes_equal_one_process_ddp_and_fsdp(tmp_path):
         # the same responses were sampled
         assert [s["sampled_len"] for s in logged_steps(tmp_path / run)] == \
             [s["sampled_len"] for s in logged_steps(tmp_path / "single")]
+        other = weights(tmp_path / run)
+        for key in single:
+            assert torch.allclose(other[key], single[key], atol=1e-5), (run, key)
+
+
+def test_ce_on_fixed_and_kd_on_sampled_responses_two_processes_equal_one(tmp_path):
+    """kd_ratio < 1 on on-policy steps: two student forwards per micro-batch (CE on the fixed
+    responses, KD on the sampled ones) before one backward, under DDP and FSDP as in one process."""
+    teacher = make_teacher(tmp_path)
+    shared = ["--max-steps", "2", "--student-gen-ratio", "1", "--micro-batch-size", "2",
+              "--device", "cpu"]
+    argv = common(teacher, *shared, "--kd-ratio", "0.5")
+    train.main([*argv, "--out", str(tmp_path / "single")])
+    train.main([*common(teacher, *shared, "--kd-ratio", "1"), "--out", str(tmp_path / "kd-only")])
+    run_torchrun(2, [*argv, "--out", str(tmp_path / "ddp")], tmp_path)
+    run_torchrun(2, [*argv, "--fsdp", "--out", str(tmp_path / "fsdp")], tmp_path)
+    single, kd_only = weights(tmp_path / "single"), weights(tmp_path / "kd-only")
+    assert not all(torch.equal(single[k], kd_only[k]) for k in single), "CE changed nothing"
+    for run in ("ddp", "fsdp"):
         other = weights(tmp_path / run)
         for key in single:
             assert torch.allclose(other[key], single[key], atol=1e-5), (run, key)
