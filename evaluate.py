@@ -329,7 +329,8 @@ def compare(runs_dirs, names, objectives=("fkl", "rkl"), eval_name="eval", out_d
         by_seed.append(cells)
     taus = sorted({t for cells in by_seed for _, t in cells})
     fmt = lambda seeds: (f"{statistics.fmean(seeds.values()):.2f} ± "
-                         f"{statistics.stdev(seeds.values()) if len(seeds) > 1 else 0:.2f}")
+                         f"{statistics.stdev(seeds.values()):.2f}" if len(seeds) > 1
+                         else f"{statistics.fmean(seeds.values()):.2f} (1 seed)")
     columns = [(o, i) for o in objectives for i in range(len(by_seed))]
     lines = [f"## ROUGE-L by τ ({eval_name}); mean ± std over training seeds", "",
              "| τ | " + " | ".join(f"{o.upper()}, {names[i]}" for o, i in columns) + " |",
