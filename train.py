@@ -449,15 +449,15 @@ def on_policy_responses(args, student, examples, example_ids, step, tokenizer):
     decoding, no n-gram block) up to --max-len - --max-prompt-len tokens and cut at EOS. Each row
     draws from its own generator, seeded by (seed, step, example index), so a response does not
     depend on the process or micro-batch its example falls in."""
-    draw = random.Random(args.seed * 1_000_003 + step).random()
+    step_key = args.seed * 1_000_003 + step  # seeds this step's draw and its rows' generators
+    draw = random.Random(step_key).random()
     if args.mode != "kd" or not draw < args.student_gen_ratio:
         return None
     model = student.for_sampling()
     device = next(model.parameters()).device
     prompts = [prompt for prompt, _ in examples]
     input_ids, attention_mask = data.collate_prompts(prompts, tokenizer.pad_id)
-    generators = [torch.Generator(device).manual_seed((args.seed * 1_000_003 + step) * 100_003 + i)
-                  for i in example_ids]
+    generators = [torch.Generator(device).manual_seed(step_key * 100_003 + i) for i in example_ids]
     with torch.no_grad():
         new = model.eval().generate(input_ids.to(device), attention_mask.to(device),
                                     max_new_tokens=args.max_len - args.max_prompt_len,
