@@ -307,12 +307,15 @@ def claims(runs, averaged):
             "4. best τ (paper: 2.5-3.5): " + ", ".join(f"{o} {t:g}" for o, t in best.items())]
 
 
-def compare(runs_dirs, names, objectives=("fkl", "rkl"), eval_name="eval", out_dir=None):
+def compare(runs_dirs, names, objectives=("fkl", "rkl"), eval_name="eval", out_dir=None,
+            taus=None):
     """Several grids side by side (teacher vs dataset responses, on-policy ratios, ...): for each
     objective, ROUGE-L (averaged as in summarize) at every τ of every grid, mean ± std over training
     seeds; then, per grid, τ = 1, the best τ, and the gain of the best τ over τ = 1 as a paired
-    difference of the same training seed's runs (mean ± std, and how many seeds gain). Writes
-    compare.md and compare.png to out_dir when given. Returns the markdown."""
+    difference of the same training seed's runs (mean ± std, and how many seeds gain). taus: only
+    these τ values, so that grids run over different τ sets pick their best τ from the same set.
+    Writes compare.md and compare.png (compare-<eval_name>.* for another decoding) to out_dir when
+    given. Returns the markdown."""
     by_seed = []  # per grid: {(objective, tau): {training seed: averaged ROUGE-L}}
     for runs_dir in runs_dirs:
         runs = [r for r in collect_runs(runs_dir, eval_name) if r[1].get("mode") != "sft"]
@@ -320,7 +323,8 @@ def compare(runs_dirs, names, objectives=("fkl", "rkl"), eval_name="eval", out_d
         averaged = [b for b in PAPER_AVERAGE if b in benchmarks] or benchmarks
         cells = {}
         for _, args, results in runs:
-            if args["loss"] in objectives and all(b in results for b in averaged):
+            if (args["loss"] in objectives and all(b in results for b in averaged)
+                    and (taus is None or float(args["tau"]) in taus)):
                 value = statistics.fmean(statistics.fmean(results[b]["scores"].values())
                                          for b in averaged)
                 cells.setdefault((args["loss"], float(args["tau"])), {})[args.get("seed")] = value
@@ -354,14 +358,15 @@ def compare(runs_dirs, names, objectives=("fkl", "rkl"), eval_name="eval", out_d
                      f"{fmt(cells[best])} | {gain} |")
     table = "\n".join(lines)
     if out_dir:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "compare.md").write_text(table + "\n")
+        stem = Path(out_dir) / ("compare" if eval_name == "eval" else f"compare-{eval_name}")
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".md").write_text(table + "\n")
         curves = {f"{o.upper()}, {names[i]}": [(t, statistics.fmean(v.values()),
                                                  statistics.stdev(v.values()) if len(v) > 1 else 0)
                                                 for (obj, t), v in sorted(by_seed[i].items())
                                                 if obj == o]
                   for o, i in columns}
-        plots.compare_curves(curves, f"ROUGE-L ({eval_name})", Path(out_dir) / "compare.png")
+        plots.compare_curves(curves, f"ROUGE-L ({eval_name})", stem.with_suffix(".png"))
     return table
 
 
@@ -376,6 +381,7 @@ def main(argv=None):
                             "directories)")
         parser.add_argument("--objectives", default="fkl,rkl")
         parser.add_argument("--eval-name", default="eval", help="e.g. eval-greedy")
+        parser.add_argument("--taus", help="only these τ values, comma-separated (default: all)")
         parser.add_argument("--out", help="where compare.md and compare.png go")
         args = parser.parse_args(argv[1:])
         for runs_dir in args.runs_dirs:
@@ -387,7 +393,11 @@ def main(argv=None):
         objectives = args.objectives.split(",")
         if unknown := [o for o in objectives if o not in LOSSES]:
             checks.fail(f"--objectives: unknown objective {unknown[0]!r}")
-        print(compare(args.runs_dirs, names, objectives, args.eval_name, args.out))
+        try:
+            taus = {float(t) for t in args.taus.split(",")} if args.taus else None
+        except ValueError:
+            checks.fail(f"--taus: {args.taus!r} is not a comma-separated list of numbers")
+        print(compare(args.runs_dirs, names, objectives, args.eval_name, args.out, taus))
         return
     if argv[:1] == ["summarize"]:
         parser = argparse.ArgumentParser(prog="evaluate.py summarize",

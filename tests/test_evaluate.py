@@ -140,6 +140,33 @@ def test_compare_puts_grids_side_by_side_with_paired_gains(tmp_path):
     with pytest.raises(SystemExit, match="--names gives 1 labels for 2 grids"):
         checks.run_cli(lambda: evaluate.main(["compare", str(tmp_path / "off"),
                                               str(tmp_path / "on"), "--names", "x"]))
+    with pytest.raises(SystemExit, match="--taus: '1,two' is not a comma-separated list"):
+        checks.run_cli(lambda: evaluate.main(["compare", str(tmp_path / "off"), "--taus", "1,two"]))
+
+
+def test_compare_restricts_tau_and_names_files_by_decoding(tmp_path):
+    # one grid over tau 1, 2, 3 and a second decoding (eval-greedy) of the same runs
+    for tau, (sampled, greedy) in {1.0: (20, 40), 2.0: (30, 35), 3.0: (34, 30)}.items():
+        run = tmp_path / "grid" / f"fkl-tau{tau:g}-seed1"
+        (run / "best").mkdir(parents=True)
+        (run / "args.json").write_text(json.dumps({"loss": "fkl", "tau": tau, "seed": 1}))
+        for eval_name, value in (("eval", sampled), ("eval-greedy", greedy)):
+            (run / "best" / eval_name).mkdir()
+            (run / "best" / eval_name / "results.json").write_text(json.dumps(
+                {"benchmarks": {"toy": {"scores": {"10": value}}}}))
+    out = tmp_path / "cmp"
+    # without tau 3 the best tau is 2 (+10 over tau 1), with it 3 (+14)
+    table = evaluate.compare([str(tmp_path / "grid")], ["g"], ("fkl",), out_dir=str(out),
+                             taus={1.0, 2.0})
+    assert "| 3 |" not in table
+    assert ("| FKL | g | 20.00 (1 seed) | 2 | 30.00 (1 seed) | +10.00 ± 0.00 (1 of 1 seeds > 0) |"
+            in table)
+    greedy = evaluate.compare([str(tmp_path / "grid")], ["g"], ("fkl",), "eval-greedy", str(out))
+    assert "| FKL | g | 40.00 (1 seed) | 1 | 40.00 (1 seed) | none: τ = 1 is best |" in greedy
+    # the greedy table sits beside the sampled one instead of overwriting it
+    assert (out / "compare.md").read_text().strip() == table.strip()
+    assert (out / "compare-eval-greedy.md").read_text().strip() == greedy.strip()
+    assert (out / "compare-eval-greedy.png").stat().st_size > 0
 
 
 def test_protocol_ngram_block_is_six_bpe_tokens(tmp_path):
