@@ -615,7 +615,7 @@ def train(args):
             (out / "finished.json").write_text(json.dumps(finished))  # what sweep.sh skips
         if args.eval_benchmarks and (out / "best").is_dir():
             run_final_evaluation(args, out, device)
-    if world_size > 1:
+    if dist.is_initialized():  # torchrun, a world of one included
         dist.barrier()
         dist.destroy_process_group()
     return out
