@@ -37,11 +37,17 @@ from hf_files import resolve_checkpoint, weight_files
 SEED = 0     # chunk k samples with seed SEED * 1_000_003 + k
 CHUNK = 64   # prompts per chunk: the unit of resuming and of sharing out over processes
 DECODING = dict(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=256, no_repeat_ngram_size=0)
-# What must agree between a cached file and a run for the run to use it (the rest is information)
-# What makes two files of responses the same: sampled in another dtype, the same teacher answers
-# otherwise (train.py samples in its --teacher-dtype: bfloat16 on GPU, float32 on CPU)
+# What must agree between a cached file and a run for the run to use it (the rest is information).
+# The dtype is part of it: the same teacher sampling in another precision answers otherwise.
 MUST_MATCH = ("teacher_fingerprint", "teacher_dtype", "benchmark", "seed", "chunk", "decoding",
               "max_prompt_len")
+
+
+def default_dtype(device_type):
+    """The precision a model runs in when --dtype is not given: bfloat16 on a GPU (half the memory,
+    the tensor cores' format), float32 on a CPU (where bfloat16 matmuls are slow). One rule for
+    train.py and this file, so that both sample the teacher alike into the same cache."""
+    return "bfloat16" if device_type.startswith("cuda") else "float32"
 
 
 def fingerprint(teacher_name):
@@ -197,7 +203,7 @@ def main(argv=None):
     import torch
     from model import GPT
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = args.dtype or default_dtype(device)
     teacher = GPT.from_pretrained(args.teacher, dtype=getattr(torch, dtype), device=device)
     tokenizer = data.load_tokenizer("toy" if args.benchmark.startswith("toy") else args.teacher)
     teacher_fingerprint = fingerprint(args.teacher)

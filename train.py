@@ -545,7 +545,7 @@ def train(args):
     rank, world_size, device = setup_distributed(args.device)
     is_main = rank == 0
     on_gpu = device.type == "cuda"
-    dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
+    dtype = getattr(torch, args.dtype or responses.default_dtype(device.type))
     teacher_dtype = getattr(torch, args.teacher_dtype) if args.teacher_dtype else dtype
     per_process = args.batch_size // world_size
     micro_batch_size = args.micro_batch_size or per_process

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import responses  # noqa: E402
 import train  # noqa: E402
 from model import GPT, config_from_hf  # noqa: E402
 
@@ -74,7 +75,7 @@ def main():
     n_student = matmul_params(settings["student"], vocab)
     n_teacher = matmul_params(settings["teacher"], vocab)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = getattr(torch, settings.get("dtype") or ("bfloat16" if device == "cuda" else "float32"))
+    dtype = getattr(torch, settings.get("dtype") or responses.default_dtype(device))
     peak = matmul_flops(device, dtype)
     model_flops = tokens_per_s * (6 * n_student + 2 * n_teacher)
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU"

@@ -127,6 +127,13 @@ def test_a_cache_made_by_another_teacher_is_refused_in_one_line(tmp_path):
                     "--out", str(tmp_path / "c")])
 
 
+
+def test_one_default_dtype_for_training_and_sampling():
+    # train.py (--dtype, --teacher-dtype) and responses.py (--dtype) default to this one rule, so a
+    # cache made by either without --dtype is the other's too
+    assert [responses.default_dtype(d) for d in ("cuda", "cuda:1", "cpu")] == [
+        "bfloat16", "bfloat16", "float32"]
+
 def test_two_gloo_processes_make_one_file_equal_to_the_one_process_file(tmp_path):
     teacher = tmp_path / "teacher"
     tiny_toy_model(teacher)
