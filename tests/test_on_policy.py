@@ -1,6 +1,7 @@
 """--student-gen-ratio (beyond the paper): on-policy steps, where KD is taken on the student's own
 responses."""
 import json
+import math
 import os
 import subprocess
 
@@ -10,6 +11,7 @@ import torch
 import data
 import train
 from conftest import ROOT
+from losses import LOSSES
 from model import GPT
 from test_train import TINY, assert_trained, make_teacher, run_torchrun, weights
 
@@ -89,6 +91,21 @@ def test_ratio_one_takes_kd_only_on_the_students_sampled_tokens(tmp_path, monkey
     assert [s["sampled_len"] for s in steps] == pytest.approx(lengths)
     assert_trained(weights(out))
 
+
+
+def test_every_objective_trains_on_policy(tmp_path):
+    """λ = 1 with each objective of losses.py at τ = 2: every step on-policy, a finite KD loss, and
+    the student's weights move."""
+    teacher = make_teacher(tmp_path)
+    for loss in LOSSES:
+        out = tmp_path / loss
+        argv = [*common(teacher, "--max-steps", "2", "--student-gen-ratio", "1"), "--out", str(out)]
+        argv[argv.index("--loss") + 1] = loss
+        train.main(argv)
+        steps = logged_steps(out)
+        assert [s["on_policy"] for s in steps] == [True, True], loss
+        assert all(math.isfinite(s["kd"]) for s in steps), loss
+        assert_trained(weights(out))
 
 def test_half_ratio_two_processes_equal_one_process_ddp_and_fsdp(tmp_path):
     teacher = make_teacher(tmp_path)
