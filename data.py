@@ -173,8 +173,7 @@ def load_tokenizer(name_or_path):
     vocab_size = max(config.get("vocab_size", 0), max(vocab.values()) + 1)
     byte_level = len(ranks) == 256  # no merges: the byte tokenizer saved next to a toy checkpoint
     return Tokenizer(encoding, eos_id, vocab_size, None if identity else rank_to_id,
-                     source=directory,
-                     byte_level=byte_level)
+                     source=directory, byte_level=byte_level)
 
 
 # ==================================================================================================

@@ -91,8 +91,7 @@ def sample(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256, p
 
 
 def generate_responses(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256,
-                       progress=True,
-                       desc="generating", **decoding):
+                       progress=True, desc="generating", **decoding):
     """One sampled response per record, in order, as stripped text (see `sample`)."""
     samples = sample(model, tokenizer, records, seed, batch_size, max_prompt_len, progress, desc,
                      **decoding)

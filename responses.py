@@ -74,8 +74,7 @@ def cache_dir(data_dir, benchmark, teacher_fingerprint):
 
 
 def teacher_responses(teacher, tokenizer, records, needed, where, provenance, max_prompt_len=256,
-                      rank=0,
-                      world_size=1):
+                      rank=0, world_size=1):
     """The first `needed` records (None: all) with output = [the teacher's sampled response].
 
     `records` is the whole training split: prompts are answered in whole chunks, so the file never
@@ -153,9 +152,8 @@ def read_complete_chunks(path, records):
     for i, (got, source) in enumerate(zip(answered, records)):
         if got.get("prompt") != source["prompt"]:
             raise SystemExit(f"error: {path}, line {i + 1} answers another prompt than training "
-                             f"example {i + 1}: "
-                             "the training data changed since it was made; delete the file to make "
-                             "it anew")
+                             f"example {i + 1}: the training data changed since it was made; "
+                             "delete the file to make it anew")
     return answered[: len(records)]
 
 

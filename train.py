@@ -790,10 +790,8 @@ def save_checkpoint(path, args, state, student, optimizer, is_main):
 
 
 RESUME_MUST_MATCH = ("mode", "loss", "tau", "kd_ratio", "tau_sq", *HPARAMS, "student_gen_ratio",
-                     "teacher",
-                     "student", "data", "responses", "teacher_fingerprint", "epochs", "batch_size",
-                     "lr", "min_lr",
-                     "weight_decay", "seed", "train_examples")
+                     "teacher", "student", "data", "responses", "teacher_fingerprint", "epochs",
+                     "batch_size", "lr", "min_lr", "weight_decay", "seed", "train_examples")
 
 
 def load_checkpoint(path, args, student, optimizer):
@@ -875,7 +873,6 @@ class Student:
             return self.raw
         state = gather_fsdp_state(self.trained)
         return clone_from_state(self.raw, state, self.device) if is_main else None
-
 
 
 def wrap_fsdp(model, device):

@@ -55,8 +55,7 @@ def main():
     import transformers
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=12, n_head=12, n_embd=768, n_positions=1024,
-                                  vocab_size=50257,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                                  vocab_size=50257, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     theirs = transformers.GPT2LMHeadModel(cfg).to(args.device)
     with tempfile.TemporaryDirectory() as d:
         theirs.save_pretrained(d)
@@ -102,8 +101,8 @@ def main():
     gen_ours = lambda: ours.generate(prompt, mask, max_new_tokens=128, temperature=1.0,
                                      generator=torch.Generator(args.device).manual_seed(0))
     gen_theirs = lambda: theirs.generate(prompt, attention_mask=mask, max_new_tokens=128,
-                                         min_new_tokens=128,
-                                         do_sample=True, top_k=0, top_p=1.0, pad_token_id=50256)
+                                         min_new_tokens=128, do_sample=True, top_k=0, top_p=1.0,
+                                         pad_token_id=50256)
     with torch.no_grad():
         t_ours, t_theirs = time_pair(gen_ours, gen_theirs, args.repeats)
     print(f"generation  ours {8 * 128 / t_ours:8.0f} tok/s   transformers "
