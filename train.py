@@ -862,8 +862,7 @@ class Student:
         lock step through FSDP)."""
         if not self.sharded:
             return self.raw
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        state = get_model_state_dict(self.trained, options=StateDictOptions(full_state_dict=True))
+        state = gather_fsdp_state(self.trained, on_every_process=True)
         return clone_from_state(self.raw, state, self.device)
 
     def whole(self, is_main):
@@ -886,15 +885,18 @@ def wrap_fsdp(model, device):
     return fully_shard(model, mesh=mesh)
 
 
-def _full_state_options(**kw):
+def _full_state_options(cpu_offload=True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
 
 
-def gather_fsdp_state(fsdp_model):
-    """The unsharded model state dict on rank 0 (gathered shard by shard, kept on CPU)."""
+def gather_fsdp_state(fsdp_model, on_every_process=False):
+    """The unsharded model state dict: on rank 0 only, gathered shard by shard and kept on CPU (to
+    save or validate; the other processes get an empty dict), or with on_every_process on every
+    process, on its device (to sample from)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    return get_model_state_dict(fsdp_model, options=_full_state_options())
+    options = _full_state_options(cpu_offload=not on_every_process)
+    return get_model_state_dict(fsdp_model, options=options)
 
 
 def gather_fsdp_optim(fsdp_model, optimizer):
