@@ -266,17 +266,33 @@ def summarize(runs_dir, out_dir=None, eval_name="eval"):
     return table
 
 
-def claims(runs, averaged):
-    """The paper's four claims checked per training seed: each comparison is a paired difference
-    between two cells' runs of the same seed, reported as mean ± std over seeds and how many seeds
-    agree with the paper. The best τ of an objective is the one with the best mean over seeds (as
-    in Table 1)."""
-    by_seed = {}  # (objective, tau) -> {training seed: ROUGE-L averaged over `averaged`}
+def scores_by_seed(runs, averaged):
+    """The KD runs' scores cell by cell: (objective, tau) -> {training seed: ROUGE-L averaged over
+    the `averaged` benchmarks} (a run that lacks one of them is left out)."""
+    by_seed = {}
     for _, args, results in runs:
         if args.get("mode") != "sft" and all(b in results for b in averaged):
             value = statistics.fmean(statistics.fmean(results[b]["scores"].values())
                                      for b in averaged)
             by_seed.setdefault((args["loss"], float(args["tau"])), {})[args.get("seed")] = value
+    return by_seed
+
+
+def paired(a, b):
+    """a - b over the training seeds both cells ({seed: score}) have, as
+    "mean ± std (k of n seeds > 0)"."""
+    diffs = [a[s] - b[s] for s in sorted(a) if s in b]
+    std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    agree = sum(d > 0 for d in diffs)
+    return f"{statistics.fmean(diffs):+.2f} ± {std:.2f} ({agree} of {len(diffs)} seeds > 0)"
+
+
+def claims(runs, averaged):
+    """The paper's four claims checked per training seed: each comparison is a paired difference
+    between two cells' runs of the same seed, reported as mean ± std over seeds and how many seeds
+    agree with the paper. The best τ of an objective is the one with the best mean over seeds (as
+    in Table 1)."""
+    by_seed = scores_by_seed(runs, averaged)
     if not {("fkl", 1.0), ("rkl", 1.0)} <= set(by_seed):
         return []
     mean = {cell: statistics.fmean(scores.values()) for cell, scores in by_seed.items()}
@@ -285,22 +301,16 @@ def claims(runs, averaged):
     for (o, t), m in sorted(mean.items(), key=lambda kv: (list(LOSSES).index(kv[0][0]), kv[0][1])):
         if o not in best or m > mean[(o, best[o])]:
             best[o] = t
-
-    def paired(a, b):  # a - b over the seeds both cells have: "mean ± std (k of n seeds > 0)"
-        diffs = [by_seed[a][s] - by_seed[b][s] for s in sorted(by_seed[a]) if s in by_seed[b]]
-        std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-        agree = sum(d > 0 for d in diffs)
-        return f"{statistics.fmean(diffs):+.2f} ± {std:.2f} ({agree} of {len(diffs)} seeds > 0)"
-
     fkl, rkl = ("fkl", best["fkl"]), ("rkl", best["rkl"])
-    gains = [f"{o} {paired((o, best[o]), (o, 1.0))}" for o in best
+    gains = [f"{o} {paired(by_seed[(o, best[o])], by_seed[(o, 1.0)])}" for o in best
              if (o, 1.0) in by_seed and best[o] != 1.0]
     return ["",
             "## The paper's claims, per training seed (paired differences of the same seed's runs)",
             "",
-            f"1. RKL > FKL at τ = 1: RKL − FKL = {paired(('rkl', 1.0), ('fkl', 1.0))}",
+            "1. RKL > FKL at τ = 1: RKL − FKL = "
+            f"{paired(by_seed[('rkl', 1.0)], by_seed[('fkl', 1.0)])}",
             f"2. FKL at its best τ ({fkl[1]:g}) > RKL at its best τ ({rkl[1]:g}): FKL − RKL = "
-            f"{paired(fkl, rkl)}",
+            f"{paired(by_seed[fkl], by_seed[rkl])}",
             "3. gain of the best τ over τ = 1: "
             + ("; ".join(gains) or "no objective's best τ is above 1"),
             "4. best τ (paper: 2.5-3.5): " + ", ".join(f"{o} {t:g}" for o, t in best.items())]
@@ -320,13 +330,8 @@ def compare(runs_dirs, names, objectives=("fkl", "rkl"), eval_name="eval", out_d
         runs = [r for r in collect_runs(runs_dir, eval_name) if r[1].get("mode") != "sft"]
         benchmarks = sorted({b for _, _, results in runs for b in results})
         averaged = [b for b in PAPER_AVERAGE if b in benchmarks] or benchmarks
-        cells = {}
-        for _, args, results in runs:
-            if (args["loss"] in objectives and all(b in results for b in averaged)
-                    and (taus is None or float(args["tau"]) in taus)):
-                value = statistics.fmean(statistics.fmean(results[b]["scores"].values())
-                                         for b in averaged)
-                cells.setdefault((args["loss"], float(args["tau"])), {})[args.get("seed")] = value
+        cells = {(o, t): seeds for (o, t), seeds in scores_by_seed(runs, averaged).items()
+                 if o in objectives and (taus is None or t in taus)}
         if not cells:
             raise FileNotFoundError(f"no finished runs of {', '.join(objectives)} under {runs_dir}")
         by_seed.append(cells)
@@ -349,10 +354,7 @@ def compare(runs_dirs, names, objectives=("fkl", "rkl"), eval_name="eval", out_d
         if 1.0 not in cells:
             continue
         best = max(sorted(cells), key=lambda t: statistics.fmean(cells[t].values()))
-        diffs = [cells[best][s] - cells[1.0][s] for s in sorted(cells[best]) if s in cells[1.0]]
-        spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-        gain = (f"{statistics.fmean(diffs):+.2f} ± {spread:.2f} ({sum(d > 0 for d in diffs)} of "
-                f"{len(diffs)} seeds > 0)" if best != 1.0 else "none: τ = 1 is best")
+        gain = paired(cells[best], cells[1.0]) if best != 1.0 else "none: τ = 1 is best"
         lines.append(f"| {o.upper()} | {names[i]} | {fmt(cells[1.0])} | {best:g} | "
                      f"{fmt(cells[best])} | {gain} |")
     table = "\n".join(lines)
