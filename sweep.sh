@@ -9,8 +9,8 @@
 #   DRY_RUN=1 bash sweep.sh                        # print every command, run nothing
 #   PRESET=toy STUDENT_GEN_RATIO=0.5 LOSSES="fkl rkl" TAUS="1 2 3" bash sweep.sh  # on-policy steps
 #
-# Finished runs (best/eval/results.json present) are skipped and interrupted ones resumed, so the
-# same command continues an interrupted sweep. EXTRA="--micro-batch-size 4" passes flags to every
+# Finished runs (finished.json) are not trained again, evaluated ones (best/eval/results.json) not
+# evaluated again, and interrupted ones resume, so the same command continues an interrupted sweep. EXTRA="--micro-batch-size 4" passes flags to every
 # train.py call.
 # RESPONSES=teacher (the paper's setting, default) trains on the teacher's responses: the first run
 # samples them once (shared out over its NPROC processes) into data/responses/, and every later run

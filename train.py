@@ -458,12 +458,12 @@ def on_policy_responses(args, student, examples, example_ids, step, tokenizer):
     prompts = [prompt for prompt, _ in examples]
     input_ids, attention_mask = data.collate_prompts(prompts, tokenizer.pad_id)
     generators = [torch.Generator(device).manual_seed(step_key * 100_003 + i) for i in example_ids]
+    eos = tokenizer.eos_id
     with torch.no_grad():
         new = model.eval().generate(input_ids.to(device), attention_mask.to(device),
                                     max_new_tokens=args.max_len - args.max_prompt_len,
-                                    eos_token_id=tokenizer.eos_id, generator=generators)
+                                    eos_token_id=eos, generator=generators)
     model.train()
-    eos = tokenizer.eos_id
     return [(prompt, row[:row.index(eos) + 1] if eos in row else row)
             for prompt, row in zip(prompts, new.tolist())]
 
