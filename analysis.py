@@ -97,17 +97,15 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True)
     p.add_argument("--student", required=True)
-    p.add_argument("--data", default="toy",
-                   help="benchmark whose training split provides the sequences")
+    p.add_argument("--data", default="toy", help="benchmark whose training split provides the sequences")
     p.add_argument("--data-dir", default=data.DATA_DIR)
     p.add_argument("--examples", type=int, default=64)
     p.add_argument("--taus", default=",".join(f"{t:g}" for t in TAUS))
-    p.add_argument("--out", default=None,
-                   help="folder for analysis.md / analysis.png (default: the student's)")
+    p.add_argument("--out", default=None, help="folder for analysis.md / analysis.png (default: the student's)")
     args = p.parse_args(argv)
     for flag in ("--teacher", "--student"):  # the door (checks.py)
         checks.checkpoint(flag, getattr(args, flag[2:]))
-    checks.benchmark("--data", args.data, args.data_dir, split="train")
+    data.check_benchmark("--data", args.data, args.data_dir, split="train")
     checks.at_least("--examples", args.examples, 1)
     try:
         taus = [float(t) for t in args.taus.split(",")]

@@ -1,7 +1,8 @@
 """The door: each command line (train.py, evaluate.py, responses.py, analysis.py, data.py) is
-checked here, once, right after argparse and before any model or dataset loads. Bad input stops with
-one line that names the flag or file, never a traceback and never a run that trains on nonsense and
-exits 0.
+checked right after argparse and before any model or dataset loads, with the helpers here and the
+ones that live beside what they check (data.check_benchmark, checkpoint.check_file,
+losses.check_objective). Bad input stops with one line that names the flag or file, never a
+traceback and never a run that trains on nonsense and exits 0.
 
 What only reading a file can show (a truncated weights file, a corrupt last.pt, a bad jsonl line) is
 raised where the file is read, as ValueError / FileNotFoundError with the file named; `run_cli`
@@ -12,7 +13,6 @@ import math
 import os
 import sys
 
-import data
 from hf_files import looks_local, weight_files
 
 
@@ -57,28 +57,6 @@ def seeds(flag, text):
     if len(set(values)) != len(values):
         fail(f"{flag} repeats a seed: {text!r}")
     return values
-
-
-def benchmark(flag, name, data_dir, split=None):
-    """A known benchmark name (downloaded when `split` is given), or an existing jsonl file."""
-    if name.endswith(".jsonl"):
-        if not os.path.isfile(name):
-            fail(f"{flag} {name}: no such file")
-        return
-    known = [*data.BENCHMARKS, "toy", "toy-hard"]
-    if name not in known:
-        fail(f"{flag}: unknown benchmark {name!r}: choose from {', '.join(known)}, or give a "
-             ".jsonl file")
-    path = os.path.join(data_dir, name, f"{split}.jsonl")
-    if split and not name.startswith("toy") and not os.path.isfile(path):
-        fail(f"{flag} {name}: {path} is missing: run `python data.py prepare` first")
-
-
-def benchmarks(flag, text, data_dir, split="test"):
-    names = [b for b in str(text).split(",") if b]
-    for name in names:
-        benchmark(flag, name, data_dir, split)
-    return names
 
 
 def checkpoint(flag, name):

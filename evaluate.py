@@ -11,6 +11,7 @@ tau: the two are separate settings), no top-k, top-p 1, no_repeat_ngram_size 6, 
 tokens.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -25,7 +26,9 @@ from tqdm import tqdm
 import checks
 import data
 import plots
-from losses import LOSSES
+from files import atomic_write
+from losses import LOSSES, ce_loss
+from model import GPT
 
 PROTOCOL = dict(temperature=1.0, top_k=0, top_p=1.0, no_repeat_ngram_size=6, max_new_tokens=256)
 SEEDS = (10, 20, 30, 40, 50)
@@ -48,21 +51,19 @@ def decoding_settings(tokenizer, **overrides):
     return {**PROTOCOL, "no_repeat_ngram_size": protocol_ngram_size(tokenizer), **overrides}
 
 
-_scorer = None
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer  # imported on first use: loading it takes a second
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 def rouge_l(prediction, references):
     """ROUGE-L F-measure x 100 (stemming on), the best over the references."""
-    global _scorer
-    if _scorer is None:
-        from rouge_score import rouge_scorer
-        _scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return 100 * max(_scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+    return 100 * max(_rouge_scorer().score(ref, prediction)["rougeL"].fmeasure for ref in references)
 
 
 @torch.no_grad()
-def sample(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256, progress=True,
-           desc="generating",
+def sample(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256, progress=True, desc="generating",
            **decoding):
     """One sampled continuation per record, in order: (its tokens before the first EOS, whether EOS
     came before max_new_tokens), decoded with decoding_settings(tokenizer, **decoding). Prompts are
@@ -70,8 +71,7 @@ def sample(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256, p
     (seed, b), so the same seed gives the same samples."""
     decoding = decoding_settings(tokenizer, **decoding)
     device = next(model.parameters()).device
-    encoded = [data.encode_example(tokenizer, r["prompt"],
-                                   max_prompt_len=max_prompt_len) for r in records]
+    encoded = [data.encode_example(tokenizer, r["prompt"], max_prompt_len=max_prompt_len) for r in records]
     order = sorted((i for i, e in enumerate(encoded) if e is not None),
                    key=lambda i: len(encoded[i][0]))
     # a prompt that cannot fit gets an empty response, which scores 0
@@ -100,12 +100,10 @@ def generate_responses(model, tokenizer, records, seed, batch_size=32, max_promp
 
 def score(records, responses):
     """Mean ROUGE-L over examples; every example counts."""
-    return statistics.fmean(rouge_l(p, r["output"]) for p, r in zip(responses,
-                                                                    records)) if records else 0.0
+    return statistics.fmean(rouge_l(p, r["output"]) for p, r in zip(responses, records)) if records else 0.0
 
 
-def validation_score(model, tokenizer, records, seed=0, greedy=False, batch_size=32,
-                     max_new_tokens=256):
+def validation_score(model, tokenizer, records, seed=0, greedy=False, batch_size=32, max_new_tokens=256):
     """ROUGE-L on a validation split, for train.py's per-epoch model selection (sampled, no n-gram
     blocking, as the reference does during training; greedy=True decodes greedily instead)."""
     was_training = model.training
@@ -117,8 +115,7 @@ def validation_score(model, tokenizer, records, seed=0, greedy=False, batch_size
     return score(records, responses)
 
 
-def evaluate(model, tokenizer, benchmarks, seeds=SEEDS, batch_size=32, out_dir=None,
-             data_dir=data.DATA_DIR,
+def evaluate(model, tokenizer, benchmarks, seeds=SEEDS, batch_size=32, out_dir=None, data_dir=data.DATA_DIR,
              max_examples=None, **decoding):
     """Score every benchmark over every seed. Writes predictions-<bench>-seed<k>.jsonl and
     results.json to out_dir when given. Returns {benchmark: {"scores": {seed: rouge}, "mean", "std",
@@ -139,15 +136,35 @@ def evaluate(model, tokenizer, benchmarks, seeds=SEEDS, batch_size=32, out_dir=N
                                   for r, p, s in zip(records, responses, per_example)])
         values = list(scores.values())
         results[benchmark] = {"scores": scores, "mean": statistics.fmean(values),
-                              "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                              "n": len(records)}
+                              "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(records)}
     if out_dir:
         settings = decoding_settings(tokenizer, **decoding)
-        payload = json.dumps({"benchmarks": results, "decoding": settings, "seeds": list(seeds)},
-                             indent=1)
-        data.atomic_write(os.path.join(out_dir, "results.json"),
-                          lambda tmp: Path(tmp).write_text(payload))
+        payload = json.dumps({"benchmarks": results, "decoding": settings, "seeds": list(seeds)}, indent=1)
+        atomic_write(os.path.join(out_dir, "results.json"), lambda tmp: Path(tmp).write_text(payload))
     return results
+
+
+def evaluate_checkpoint(model_dir, benchmarks, seeds, data_dir, device):
+    """train.py's last act: score its best/ (written to best/eval/) and print the table."""
+    model = GPT.from_pretrained(str(model_dir), device=device)
+    tokenizer = data.load_tokenizer(str(model_dir))
+    results = evaluate(model, tokenizer, benchmarks, seeds, out_dir=os.path.join(model_dir, "eval"),
+                       data_dir=data_dir)
+    print(f"\n{os.path.dirname(model_dir)}: ROUGE-L of best/ (sampled, decode temperature 1)\n"
+          + results_table(results))
+
+
+def validation_ce(model, encoded, pad_id, batch_size=16):
+    """The token mean of next-token cross-entropy on encoded (prompt, response) pairs."""
+    device = next(model.parameters()).device
+    total, n_tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(encoded), batch_size):
+            x, m, y = data.collate_train(encoded[i:i + batch_size], pad_id)
+            logits = model(x.to(device), m.to(device))
+            total += float(ce_loss(logits, y.to(device), reduction="sum"))
+            n_tokens += int((y != -100).sum())
+    return total / max(n_tokens, 1)
 
 
 def results_table(results):
@@ -378,8 +395,7 @@ def main(argv=None):
         parser = argparse.ArgumentParser(prog="evaluate.py compare",
                                          description="several grids side by side, by tau")
         parser.add_argument("runs_dirs", nargs="+")
-        parser.add_argument("--names", help="one label per grid, comma-separated (default: the "
-                            "directories)")
+        parser.add_argument("--names", help="one label per grid, comma-separated (default: the directories)")
         parser.add_argument("--objectives", default="fkl,rkl")
         parser.add_argument("--eval-name", default="eval", help="e.g. eval-greedy")
         parser.add_argument("--taus", help="only these τ values, comma-separated (default: all)")
@@ -404,8 +420,7 @@ def main(argv=None):
         parser = argparse.ArgumentParser(prog="evaluate.py summarize",
                                          description="collect runs into tables")
         parser.add_argument("runs_dir")
-        parser.add_argument("--out", default=None,
-                            help="where summary.md and the PNGs go (default: runs_dir)")
+        parser.add_argument("--out", default=None, help="where summary.md and the PNGs go (default: runs_dir)")
         parser.add_argument("--eval-name", default="eval",
                             help="read best/<eval-name>/results.json of every run")
         args = parser.parse_args(argv[1:])
@@ -413,30 +428,24 @@ def main(argv=None):
             checks.fail(f"{args.runs_dir}: no such directory of runs")
         print(summarize(args.runs_dir, args.out, args.eval_name))
         return
-    from model import GPT
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, nargs="+",
                         help="checkpoint directories or hub ids, evaluated in turn")
-    parser.add_argument("--tokenizer", default=None,
-                        help="default: the model's own vocab.json + merges.txt")
+    parser.add_argument("--tokenizer", default=None, help="default: the model's own vocab.json + merges.txt")
     parser.add_argument("--benchmarks", default="dolly,self-inst,vicuna,sinst,uinst")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-examples", type=int, default=None,
-                        help="score only the first N examples")
+    parser.add_argument("--max-examples", type=int, default=None, help="score only the first N examples")
     parser.add_argument("--decode-temperature", type=float, default=1.0,
                         help="sampling temperature (the protocol's 1.0; 0 = greedy); unrelated to "
                              "the KD tau")
     parser.add_argument("--no-repeat-ngram-size", type=int, default=None,
-                        help="default: the protocol's 6 BPE tokens (24 bytes with the toy's byte "
-                             "tokenizer)")
+                        help="default: the protocol's 6 BPE tokens (24 bytes with the toy's byte tokenizer)")
     parser.add_argument("--max-new-tokens", type=int, default=PROTOCOL["max_new_tokens"])
     parser.add_argument("--data-dir", default=data.DATA_DIR)
-    parser.add_argument("--out", default=None,
-                        help="default: <model>/<eval-name> (one --model only)")
-    parser.add_argument("--eval-name", default="eval",
-                        help="e.g. eval-greedy next to the protocol's eval/")
+    parser.add_argument("--out", default=None, help="default: <model>/<eval-name> (one --model only)")
+    parser.add_argument("--eval-name", default="eval", help="e.g. eval-greedy next to the protocol's eval/")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
@@ -446,7 +455,7 @@ def main(argv=None):
         checks.checkpoint("--model", name)
     if args.tokenizer and not os.path.isdir(args.tokenizer) and checks.looks_local(args.tokenizer):
         checks.fail(f"--tokenizer {args.tokenizer}: no such directory")
-    benchmarks = checks.benchmarks("--benchmarks", args.benchmarks, args.data_dir)
+    benchmarks = data.check_benchmarks("--benchmarks", args.benchmarks, args.data_dir)
     if not benchmarks:
         checks.fail("--benchmarks names no benchmark")
     seeds = checks.seeds("--seeds", args.seeds)

@@ -25,8 +25,7 @@ def resolve_checkpoint(name_or_path, pick, repo_type="model"):
         raise FileNotFoundError(f"{name_or_path!r} is neither a local directory nor a reachable "
                                 f"hub {repo_type} ({type(e).__name__}: {e})") from e
     to_download = pick([s.rfilename for s in info.siblings])
-    paths = [huggingface_hub.hf_hub_download(name_or_path, f, repo_type=repo_type)
-             for f in to_download]
+    paths = [huggingface_hub.hf_hub_download(name_or_path, f, repo_type=repo_type) for f in to_download]
     return paths[0][:-len(to_download[0])].rstrip(os.sep)  # the snapshot folder that holds them all
 
 
@@ -71,8 +70,7 @@ def read_tensors(directory):
                                  f"corrupt?): {e}") from e
         else:  # only the zip format (torch >= 1.6) can be memory-mapped; legacy ones are read whole
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True,
-                                   mmap=zipfile.is_zipfile(path))
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
             except Exception as e:
                 raise ValueError(f"{path} is not a readable PyTorch weights file (truncated or "
                                  f"corrupt?): {e}") from e

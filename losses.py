@@ -259,8 +259,7 @@ def distill_loss_chunked(name, student_logits, teacher_logits, labels, tau=1.0, 
     ~8 MB)."""
     hparams = check_inputs(name, student_logits, teacher_logits, labels, tau, reduction, hparams)
     per_token = lambda log_p, log_q, target: LOSSES[name](log_p, log_q, target, **hparams)
-    loss = _token_loss(per_token, student_logits, teacher_logits, labels, tau, reduction,
-                       chunk_size)
+    loss = _token_loss(per_token, student_logits, teacher_logits, labels, tau, reduction, chunk_size)
     return loss * tau**2 if tau_sq else loss
 
 
@@ -276,8 +275,7 @@ def _token_loss(per_token, student_logits, teacher_logits, labels, tau, reductio
     rows = (labels.reshape(-1) != -100).nonzero()[:, 0]  # the response positions, (N,)
     chunk_size = chunk_size or max(1, 2**21 // V)  # ~8 MB of float32 per (chunk, V) temporary
     teacher = None if teacher_logits is None else teacher_logits.detach().reshape(-1, V)
-    total = _ChunkedSum.apply(student_logits, teacher, labels.reshape(-1), rows, per_token, tau,
-                              chunk_size)
+    total = _ChunkedSum.apply(student_logits, teacher, labels.reshape(-1), rows, per_token, tau, chunk_size)
     return total / max(len(rows), 1) if reduction == "mean" else total
 
 
@@ -310,8 +308,7 @@ class _ChunkedSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.grad is None:  # the buffer was handed out by a first backward pass
-            raise RuntimeError("backward through distill_loss_chunked/ce_loss twice is not "
-                               "supported")
+            raise RuntimeError("backward through distill_loss_chunked/ce_loss twice is not supported")
         grad, ctx.grad = ctx.grad, None
         grad = grad.mul_(grad_output).view(ctx.shape)  # in place: no second logits-sized copy
         if ctx.dtype != torch.float32:  # saturate, not overflow: fp16 cannot hold |g| > 65504

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from files import atomic_write
 from hf_files import read_tensors, resolve_checkpoint, weight_files
 
 gelu_tanh = functools.partial(F.gelu, approximate="tanh")  # what GPT-2 calls "gelu_new"
@@ -170,8 +171,7 @@ class GPT(nn.Module):
         B, T0 = input_ids.shape
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         if bool((attention_mask.sum(1) + max_new_tokens > self.cfg.n_positions).any()):
-            raise ValueError(f"prompt + max_new_tokens exceeds the model's {self.cfg.n_positions} "
-                             "positions")
+            raise ValueError(f"prompt + max_new_tokens exceeds the model's {self.cfg.n_positions} positions")
         S, H, L = T0 + max_new_tokens, self.cfg.n_head, self.cfg.n_layer
         # (L, k/v, B, H, S, D): allocated once, so decoding never copies a growing cache
         cache = self.tok_emb.weight.new_empty(L, 2, B, H, S, self.cfg.n_embd // H)
@@ -243,7 +243,6 @@ class GPT(nn.Module):
     def save_pretrained(self, out_dir):
         """Write config.json + model.safetensors with Hugging Face's names, as transformers does."""
         from safetensors.torch import save_file
-        from data import atomic_write
         os.makedirs(out_dir, exist_ok=True)
         prefix, tensors = HF_PREFIX[self.cfg.model_type], {}
         for name, tensor in self.state_dict().items():
@@ -350,8 +349,7 @@ def config_from_hf(hf):
                          bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     if kind == "opt":
         if not hf.get("enable_bias", True) or not hf.get("layer_norm_elementwise_affine", True):
-            raise ValueError("OPT variants without biases or layer-norm affine parameters are "
-                             "unsupported")
+            raise ValueError("OPT variants without biases or layer-norm affine parameters are unsupported")
         pre_norm = hf.get("do_layer_norm_before", True)
         return GPTConfig("opt", hf["vocab_size"], hf["max_position_embeddings"],
                          hf["num_hidden_layers"], hf["num_attention_heads"], hf["hidden_size"],

@@ -32,6 +32,7 @@ from tqdm import tqdm
 import checks
 import data
 import evaluate
+from files import atomic_write
 from hf_files import resolve_checkpoint, weight_files
 
 SEED = 0     # chunk k samples with seed SEED * 1_000_003 + k
@@ -99,11 +100,10 @@ def teacher_responses(teacher, tokenizer, records, needed, where, provenance, ma
         text = data.jsonl_text(answered)
         # a torn last line or half a chunk
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            data.atomic_write(str(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+            atomic_write(str(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         write_provenance(meta, provenance, answered)
     todo = list(range(len(answered) // CHUNK, math.ceil(to_answer / CHUNK)))
-    bar = tqdm(total=to_answer - len(answered), desc="teacher responses",
-               disable=rank != 0 or not todo)
+    bar = tqdm(total=to_answer - len(answered), desc="teacher responses", disable=rank != 0 or not todo)
     for first in range(0, len(todo), world_size):
         round_ = todo[first:first + world_size]  # chunk round_[r] is answered by process r
         my_chunk = answer_chunk(teacher, tokenizer, records, round_[rank],
@@ -130,8 +130,7 @@ def answer_chunk(teacher, tokenizer, records, k, max_prompt_len):
     whether it ended with EOS (False: cut at max_new_tokens)."""
     chunk = records[k * CHUNK:(k + 1) * CHUNK]
     samples = evaluate.sample(teacher, tokenizer, chunk, seed=SEED * 1_000_003 + k,
-                              max_prompt_len=max_prompt_len,
-                              progress=False, **DECODING)
+                              max_prompt_len=max_prompt_len, progress=False, **DECODING)
     return [{**record, "output": [tokenizer.decode(tokens).strip()], "teacher_tokens": len(tokens),
              "teacher_eos": eos}
             for record, (tokens, eos) in zip(chunk, samples)]
@@ -172,7 +171,7 @@ def check_provenance(cached, this_run, meta):
 def write_provenance(meta, provenance, answered):
     counts = {"n_prompts": len(answered), "empty": sum(not r["output"][0] for r in answered),
               "no_eos": sum(not r.get("teacher_eos", True) for r in answered)}
-    data.atomic_write(str(meta),
+    atomic_write(str(meta),
                       lambda tmp: Path(tmp).write_text(json.dumps({**provenance, **counts},
                                                                   indent=1)))
 
@@ -182,8 +181,7 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True,
                         help="the fine-tuned teacher: checkpoint directory or hub id")
-    parser.add_argument("--benchmark", default="dolly",
-                        help="benchmark whose training prompts it answers")
+    parser.add_argument("--benchmark", default="dolly", help="benchmark whose training prompts it answers")
     parser.add_argument("--limit", type=int, default=None,
                         help="only the first N training prompts (whole chunks)")
     parser.add_argument("--max-prompt-len", type=int, default=256)
@@ -194,7 +192,7 @@ def main(argv=None):
                         "bfloat16 on GPU, float32 on CPU); part of what the cache must match")
     args = parser.parse_args(argv)
     checks.checkpoint("--teacher", args.teacher)  # the door (checks.py)
-    checks.benchmark("--benchmark", args.benchmark, args.data_dir, split="train")
+    data.check_benchmark("--benchmark", args.benchmark, args.data_dir, split="train")
     checks.at_least("--limit", args.limit, 1)
     checks.at_least("--max-prompt-len", args.max_prompt_len, 1)
     checks.writable("--data-dir", args.data_dir)
@@ -209,8 +207,7 @@ def main(argv=None):
     records = data.load_split(args.benchmark, "train", args.data_dir)
     provenance = {"teacher": args.teacher, "teacher_fingerprint": teacher_fingerprint,
                   "benchmark": args.benchmark, "teacher_dtype": dtype}
-    teacher_responses(teacher, tokenizer, records, args.limit, where, provenance,
-                      args.max_prompt_len)
+    teacher_responses(teacher, tokenizer, records, args.limit, where, provenance, args.max_prompt_len)
     print(f"{where / 'train.jsonl'}\n{(where / 'provenance.json').read_text()}")
 
 

@@ -44,7 +44,7 @@ fi
 RUNS=${RUNS:-$RUNS_NAME}
 EXTRA=${EXTRA:-}
 PYTHON=${PYTHON:-python}
-# Each preset's teacher and student (train.py's PRESETS; tests/test_train.py checks the two agree),
+# Each preset's teacher and student (config.py's PRESETS; tests/test_train.py checks the two agree),
 # benchmarks, processes and seeds
 case "$PRESET" in
   gpt2) TEACHER=MiniLLM/teacher-gpt2-1.5B; STUDENT=gpt2 ;;

@@ -24,13 +24,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import responses  # noqa: E402
+import toy  # noqa: E402
 import train  # noqa: E402
 from model import GPT, config_from_hf  # noqa: E402
 
 
 def matmul_params(name, vocab_size):
     """Parameters of the matrix products of a from-scratch size or a checkpoint directory."""
-    if train.is_scratch(name):
+    if toy.is_scratch(name):
         with torch.device("meta"):
             model = train.load_model(name, torch.float32, "meta", vocab_size)
     else:
@@ -71,7 +72,7 @@ def main():
     if not steps:
         raise SystemExit(f"error: {run}/log.jsonl has no step after {args.warmup}: run longer")
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in steps)
-    vocab = 257 if train.is_scratch(settings["student"]) else None
+    vocab = 257 if toy.is_scratch(settings["student"]) else None
     n_student = matmul_params(settings["student"], vocab)
     n_teacher = matmul_params(settings["teacher"], vocab)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -24,18 +24,13 @@ def tiny_hf_model(kind, **overrides):
     import transformers
     torch.manual_seed(0)
     if kind == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                      bos_token_id=96,
-                                      eos_token_id=96, **overrides)
+        cfg = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=96, eos_token_id=96, **overrides)
         model = transformers.GPT2LMHeadModel(cfg)
     else:
-        cfg = transformers.OPTConfig(vocab_size=97, max_position_embeddings=64, hidden_size=32,
-                                     num_hidden_layers=2,
-                                     num_attention_heads=4, ffn_dim=48, dropout=0.0,
-                                     attention_dropout=0.0,
-                                     activation_dropout=0.0, pad_token_id=1, bos_token_id=2,
-                                     eos_token_id=2,
+        cfg = transformers.OPTConfig(vocab_size=97, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, ffn_dim=48, dropout=0.0, attention_dropout=0.0,
+                                     activation_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2,
                                      **overrides)
         model = transformers.OPTForCausalLM(cfg)
     # random init leaves biases / layer norms at 0 / 1; perturb them so a mis-mapped bias cannot

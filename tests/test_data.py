@@ -9,6 +9,7 @@ import pytest
 import regex
 
 import data
+import toy
 from hubserver import StandInHub
 
 CORPUS = ["The quick brown fox jumps over the lazy dog. It's 2024, and we'll see 1234 foxes!",
@@ -240,22 +241,22 @@ def test_prepare_downloads_and_normalises_every_benchmark(tmp_path):
 def test_toy_is_deterministic_and_splits_are_disjoint(tmp_path):
     data.prepare(["toy"], str(tmp_path / "a"))
     data.prepare(["toy"], str(tmp_path / "b"))
-    for split in data.TOY_SPLITS:
+    for split in toy.SPLITS:
         assert open(tmp_path / "a/toy" / f"{split}.jsonl",
                     "rb").read() == open(tmp_path / "b/toy" / f"{split}.jsonl", "rb").read()
-    splits = {s: data.toy_split(s) for s in data.TOY_SPLITS}
-    assert {s: len(r) for s, r in splits.items()} == data.TOY_SPLITS
+    splits = {s: data.toy_split(s) for s in toy.SPLITS}
+    assert {s: len(r) for s, r in splits.items()} == toy.SPLITS
     families = collections.Counter(r["family"] for r in splits["train"])
     # every family, in equal shares (the generator takes them in turn)
-    share = data.TOY_SPLITS["train"] // len(data.TOY_FAMILIES)
-    assert families == {f: share for f in data.TOY_FAMILIES}
+    share = toy.SPLITS["train"] // len(toy.FAMILIES)
+    assert families == {f: share for f in toy.FAMILIES}
     key = lambda r: (r["instruction"], r["input"])
     train_keys = {key(r) for r in splits["train"]}
     for split in ("valid", "test", "test-hard"):
-        held = [r for r in splits[split] if r["family"] in data.TOY_HELD_OUT]
+        held = [r for r in splits[split] if r["family"] in toy.HELD_OUT]
         assert held and not {key(r) for r in held} & train_keys, split
-    valid_keys = {key(r) for r in splits["valid"] if r["family"] in data.TOY_HELD_OUT}
-    assert not valid_keys & {key(r) for r in splits["test"] if r["family"] in data.TOY_HELD_OUT}
+    valid_keys = {key(r) for r in splits["valid"] if r["family"] in toy.HELD_OUT}
+    assert not valid_keys & {key(r) for r in splits["test"] if r["family"] in toy.HELD_OUT}
     # open-ended families: several references in evaluation, one sampled answer (of unequal
     # frequency) in training
     describe = [r for r in splits["test"] if r["family"] == "describe"]

@@ -39,8 +39,7 @@ def world(tmp_path_factory):
     weights_file = root / "truncated" / "model.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:-100])
     (root / "a-file").write_text("")
-    lines = {"null-output": '{"instruction": "a", "output": ["x"]}\n{"instruction": "b", "output": '
-                            'null}\n',
+    lines = {"null-output": '{"instruction": "a", "output": ["x"]}\n{"instruction": "b", "output": null}\n',
              "list-line": '{"instruction": "a", "output": "x"}\n[1, 2]\n',
              "empty-output": '{"instruction": "a", "output": ""}\n',
              "bad-json": '{"instruction": "a", "output": "x"}\n{"instruction": \n'}
@@ -54,8 +53,7 @@ def world(tmp_path_factory):
 
 
 def train_argv(world, *extra):
-    return ["--preset", "toy", "--teacher", str(world / "teacher"), "--student", "toy-tiny",
-            "--loss", "fkl",
+    return ["--preset", "toy", "--teacher", str(world / "teacher"), "--student", "toy-tiny", "--loss", "fkl",
             "--responses", "dataset", "--out", str(world / "never"), *extra]
 
 
@@ -168,8 +166,7 @@ CASES = [
     ("responses", lambda w: ["--teacher", "./missing", "--benchmark", "toy"],
      "--teacher ./missing: no such"),
 ]
-MAINS = {"train": train.main, "evaluate": evaluate.main, "data": data.main,
-         "analysis": analysis.main,
+MAINS = {"train": train.main, "evaluate": evaluate.main, "data": data.main, "analysis": analysis.main,
          "responses": responses.main}
 
 
@@ -198,15 +195,13 @@ def test_bad_input_stops_at_the_door_with_one_line(entry, argv, names, world, tm
                                          "STUDENT_GEN_RATIO must be a number in [0, 1]")])
 def test_sweep_checks_its_settings_before_the_first_run_also_in_a_dry_run(env, names, tmp_path):
     env = {**os.environ, "DRY_RUN": "1", "PRESET": "toy", "RUNS": str(tmp_path / "runs"), **env}
-    result = subprocess.run(["bash", os.path.join(ROOT, "sweep.sh")], env=env, capture_output=True,
-                            text=True,
+    result = subprocess.run(["bash", os.path.join(ROOT, "sweep.sh")], env=env, capture_output=True, text=True,
                             timeout=120, cwd=tmp_path)
     assert result.returncode != 0 and names in result.stderr, result.stderr
     assert "train.py" not in result.stdout, "no run is printed or started"
 
 
-KD = ["--preset", "toy", "--student", "toy-tiny", "--loss", "rkl", "--tau", "2", "--data", "toy",
-      "--responses",
+KD = ["--preset", "toy", "--student", "toy-tiny", "--loss", "rkl", "--tau", "2", "--data", "toy", "--responses",
       "dataset", "--train-examples", "64", "--valid-examples", "4", "--valid-max-new-tokens", "8",
       "--eval-benchmarks", "", "--log-every", "1", "--batch-size", "8", "--epochs", "2"]
 
@@ -280,3 +275,34 @@ def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
         from model import GPT
         # one slash, but runs/ is a folder here: a path, not a hub id
         GPT.from_pretrained("runs/teacher")
+
+
+def test_a_broken_last_pt_is_named_before_any_model_loads_without_torchs_unsafe_advice(world, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """Cut short or overwritten: the door sees it from the archive's structure alone. Corrupt inside
+    (the archive whole, its pickle not): named when last.pt is read, once, still before any model
+    loads. Never the advice to re-run torch.load with weights_only=False."""
+    import zipfile
+    import toy
+    from model import GPT
+    run = [*KD, "--teacher", str(world / "teacher"), "--out", str(tmp_path / "run")]
+    train.main([*run, "--max-steps", "2"])
+    last = tmp_path / "run/last.pt"
+    whole = last.read_bytes()
+    with zipfile.ZipFile(last) as archive:
+        pickle = next(i for i in archive.infolist() if i.filename.endswith("data.pkl"))
+    local_extra = int.from_bytes(whole[pickle.header_offset + 28:pickle.header_offset + 30], "little")
+    start = pickle.header_offset + 30 + len(pickle.filename.encode()) + local_extra
+    corrupt = whole[:start] + b"\x80\x02c" + b"os\nsystem\n" + whole[start + 13:]  # a pickle that imports code
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the broken last.pt was named")
+    monkeypatch.setattr(GPT, "from_pretrained", no_model)
+    monkeypatch.setattr(toy, "scratch_model", no_model)
+    for broken in (whole[: len(whole) // 2], whole[:-30], b"", corrupt):
+        last.write_bytes(broken)
+        with pytest.raises(SystemExit) as stop:
+            checks.run_cli(lambda: train.main([*run, "--max-steps", "4", "--resume"]))
+        message = str(stop.value.code)
+        assert message.startswith("error: ") and "\n" not in message, message
+        assert "last.pt is not a readable checkpoint" in message and "weights_only" not in message, message

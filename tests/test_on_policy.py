@@ -8,7 +8,9 @@ import subprocess
 import pytest
 import torch
 
+import config
 import data
+import distributed
 import train
 from conftest import ROOT
 from losses import LOSSES
@@ -29,7 +31,7 @@ def logged_steps(run_dir):
 def test_ratio_zero_never_samples_and_trains_as_without_the_flag(tmp_path, monkeypatch):
     teacher = make_teacher(tmp_path)
     train.main([*common(teacher, "--max-steps", "3"), "--out", str(tmp_path / "plain")])
-    monkeypatch.setattr(train.Student, "for_sampling",
+    monkeypatch.setattr(distributed.Student, "for_sampling",
                         lambda self: pytest.fail("sampled at ratio 0"))
     train.main([*common(teacher, "--max-steps", "3", "--student-gen-ratio", "0"), "--out",
                 str(tmp_path / "zero")])
@@ -169,12 +171,12 @@ def test_a_ratio_outside_zero_one_is_refused_at_the_door(value):
     with pytest.raises(SystemExit,
                        match=rf"--student-gen-ratio must be a finite number in \[0, 1\], got "
                              rf"{value}"):
-        train.parse_args(["--preset", "toy", "--student-gen-ratio", value])
+        config.parse_args(["--preset", "toy", "--student-gen-ratio", value])
 
 
 def test_sft_takes_no_ratio():
     with pytest.raises(SystemExit, match="--student-gen-ratio is a KD setting"):
-        train.parse_args(["--preset", "toy", "--mode", "sft", "--student", "toy-tiny",
+        config.parse_args(["--preset", "toy", "--mode", "sft", "--student", "toy-tiny",
                           "--student-gen-ratio", "0.5"])
 
 

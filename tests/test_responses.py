@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+import config
 import data
 import responses
 import train
@@ -165,7 +166,7 @@ def test_dataset_responses_train_on_the_benchmark_as_before(tmp_path):
     args = json.loads((tmp_path / "dataset/args.json").read_text())
     assert args["responses"] == "dataset" and args["teacher_fingerprint"] is None
     with pytest.raises(SystemExit, match="--responses teacher needs --mode kd"):
-        train.parse_args(["--preset", "toy", "--mode", "sft", "--responses", "teacher"])
+        config.parse_args(["--preset", "toy", "--mode", "sft", "--responses", "teacher"])
 
 
 def test_a_hub_teacher_is_fingerprinted_by_its_downloaded_files(tmp_path):

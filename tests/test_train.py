@@ -9,24 +9,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config
 import data
 import evaluate
+import toy
 import train
 from conftest import ROOT
 from model import GPT
 
 # The mechanics tests train on the dataset's responses; tests/test_responses.py covers the
 # teacher's.
-TINY = ["--data", "toy", "--responses", "dataset", "--train-examples", "64", "--valid-examples",
-        "4",
+TINY = ["--data", "toy", "--responses", "dataset", "--train-examples", "64", "--valid-examples", "4",
         "--valid-max-new-tokens", "8", "--eval-benchmarks", "", "--log-every", "1"]
 
 
 def make_teacher(tmp_path):
     """A tiny from-scratch toy teacher saved like a real one (config, weights, tokenizer files)."""
     out = tmp_path / "teacher"
-    train.main(["--preset", "toy", "--mode", "sft", "--student", "toy-tiny", "--batch-size", "16",
-                "--epochs", "1",
+    train.main(["--preset", "toy", "--mode", "sft", "--student", "toy-tiny", "--batch-size", "16", "--epochs", "1",
                 "--out", str(out), *[a for a in TINY if a not in ("--responses", "dataset")]])
     return out / "best"
 
@@ -45,8 +45,7 @@ def assert_trained(state, seed=1, size="toy-tiny"):
 
 
 def run_torchrun(nproc, argv, cwd):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(nproc),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            os.path.join(ROOT, "train.py"), *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -82,8 +81,7 @@ def test_micro_batching_does_not_change_the_step(tmp_path):
 
 def test_kill_and_resume_equals_a_straight_run(tmp_path):
     teacher = make_teacher(tmp_path)
-    common = ["--preset", "toy", "--teacher", str(teacher), "--student", "toy-tiny", "--loss", "js",
-              "--tau", "2.5",
+    common = ["--preset", "toy", "--teacher", str(teacher), "--student", "toy-tiny", "--loss", "js", "--tau", "2.5",
               "--batch-size", "8", "--epochs", "2", *TINY]
     train.main([*common, "--out", str(tmp_path / "straight"), "--max-steps", "12"])
     train.main([*common, "--out", str(tmp_path / "cut"), "--max-steps", "5"])  # stops mid-epoch 0
@@ -114,21 +112,18 @@ def test_toy_preset_end_to_end(tmp_path, monkeypatch):
     """--preset toy with tiny sizes: teacher SFT and student warm start are made first, then KD,
     then evaluation."""
     monkeypatch.chdir(tmp_path)
-    toy = dict(train.PRESETS["toy"], train_examples=64, valid_examples=4, eval_seeds="10,20")
-    monkeypatch.setitem(train.PRESETS, "toy", toy)
-    monkeypatch.setattr(train, "TOY_STAGES", {
-        "runs/toy/teacher": ["--mode", "sft", "--student", "toy-tiny", "--lr", "1e-2", "--epochs",
-                             "40",
+    preset = dict(config.PRESETS["toy"], train_examples=64, valid_examples=4, eval_seeds="10,20")
+    monkeypatch.setitem(config.PRESETS, "toy", preset)
+    monkeypatch.setattr(toy, "STAGES", {
+        "runs/toy/teacher": ["--mode", "sft", "--student", "toy-tiny", "--lr", "1e-2", "--epochs", "40",
                              "--batch-size", "8", "--train-examples", "16"],
-        "runs/toy/student-init": ["--mode", "sft", "--student", "toy-tiny", "--lr", "3e-3",
-                                  "--epochs", "1",
+        "runs/toy/student-init": ["--mode", "sft", "--student", "toy-tiny", "--lr", "3e-3", "--epochs", "1",
                                   "--batch-size", "16", "--train-examples", "32"]})
-    monkeypatch.setattr(data, "TOY_SPLITS", dict(data.TOY_SPLITS, test=6, **{"test-hard": 6}))
+    monkeypatch.setattr(toy, "SPLITS", dict(toy.SPLITS, test=6, **{"test-hard": 6}))
     train.main(["--preset", "toy", "--loss", "fkl", "--tau", "3", "--batch-size", "16",
                 "--valid-max-new-tokens", "8"])
     run = tmp_path / "runs/toy/fkl-tau3"
-    for path in ("best/config.json", "best/model.safetensors", "best/vocab.json", "log.jsonl",
-                 "args.json",
+    for path in ("best/config.json", "best/model.safetensors", "best/vocab.json", "log.jsonl", "args.json",
                  "last.pt", "best/eval/results.json", "best/eval/predictions-toy-seed10.jsonl"):
         assert (run / path).is_file(), path
     results = json.loads((run / "best/eval/results.json").read_text())["benchmarks"]
@@ -140,10 +135,9 @@ def test_toy_preset_end_to_end(tmp_path, monkeypatch):
     teacher = GPT.from_pretrained(str(tmp_path / "runs/toy/teacher/best"))
     tokenizer = data.load_tokenizer(str(tmp_path / "runs/toy/teacher/best"))
     seen = data.toy_split("train")[:16:2]
-    trained = evaluate.score(seen,
-                             evaluate.generate_responses(teacher, tokenizer, seen, seed=0,
-                                                         temperature=0.0,
-                                                               max_new_tokens=48, progress=False))
+    answers = evaluate.generate_responses(teacher, tokenizer, seen, seed=0, temperature=0.0, max_new_tokens=48,
+                                          progress=False)
+    trained = evaluate.score(seen, answers)
     assert trained > 20, trained  # an untrained model scores ~0
     assert (tmp_path / "runs/toy/student-init/best/model.safetensors").is_file()
     # the paper's setting by default: KD on the teacher's own responses, made once into the cache
@@ -155,18 +149,18 @@ def test_toy_preset_end_to_end(tmp_path, monkeypatch):
 def test_errors_before_any_work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="unknown loss 'kl'"):
-        train.parse_args(["--preset", "toy", "--loss", "kl"])
+        config.parse_args(["--preset", "toy", "--loss", "kl"])
     with pytest.raises(SystemExit, match="tau must be a finite number > 0"):
-        train.parse_args(["--preset", "toy", "--tau", "0"])
+        config.parse_args(["--preset", "toy", "--tau", "0"])
     with pytest.raises(SystemExit,
                        match=r"data/dolly/train.jsonl is missing: run `python data.py prepare`"):
-        train.parse_args(["--loss", "fkl", "--tau", "3"])
+        config.parse_args(["--loss", "fkl", "--tau", "3"])
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy/last.pt").write_bytes(b"")
     with pytest.raises(SystemExit, match="holds another run's checkpoint"):
-        train.parse_args(["--preset", "toy", "--out", str(tmp_path / "busy")])
+        config.parse_args(["--preset", "toy", "--out", str(tmp_path / "busy")])
     with pytest.raises(SystemExit, match="must be a multiple"):
-        train.train(train.parse_args(["--preset", "toy", "--mode", "sft", "--student", "toy-tiny",
+        train.train(config.parse_args(["--preset", "toy", "--mode", "sft", "--student", "toy-tiny",
                                       "--batch-size", "10",
                                       "--micro-batch-size", "4", "--out", str(tmp_path / "x")]))
     # a teacher with another tokenizer
@@ -178,7 +172,7 @@ def test_errors_before_any_work(tmp_path, monkeypatch):
     for f in ("vocab.json", "merges.txt"):
         (other / f).write_bytes((tmp_path / "bpe" / f).read_bytes())
     with pytest.raises(SystemExit, match="incompatible vocabularies"):
-        train.train(train.parse_args(["--preset", "toy", "--teacher", str(other), "--student",
+        train.train(config.parse_args(["--preset", "toy", "--teacher", str(other), "--student",
                                       "toy-tiny",
                                       "--out", str(tmp_path / "y")]))
 
@@ -186,12 +180,12 @@ def test_errors_before_any_work(tmp_path, monkeypatch):
 def test_device_cuda_needs_a_gpu_per_process(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(SystemExit, match=r"--device cuda, but no GPU is visible"):
-        train.parse_args(["--preset", "toy", "--device", "cuda"])
+        config.parse_args(["--preset", "toy", "--device", "cuda"])
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match=r"torchrun starts 2 processes here, but this machine has "
                        r"1 GPU\(s\), one per process: use --nproc_per_node 1, or --device cpu"):
-        train.parse_args(["--preset", "toy", "--device", "cuda"])
+        config.parse_args(["--preset", "toy", "--device", "cuda"])
 
 
 def test_fsdp_two_processes_equal_one_process_also_across_a_resume(tmp_path):
@@ -285,10 +279,10 @@ def test_kd_between_hugging_face_checkpoints_on_a_jsonl_dataset(tmp_path):
                            after["transformer.h.0.mlp.c_fc.weight"])
 
 
-@pytest.mark.parametrize("preset", list(train.PRESETS))
+@pytest.mark.parametrize("preset", list(config.PRESETS))
 def test_sweep_uses_the_presets_teacher_and_student_without_importing_train(preset, tmp_path):
-    parser = train.build_parser()
-    parser.set_defaults(**train.PRESETS[preset])
+    parser = config.build_parser()
+    parser.set_defaults(**config.PRESETS[preset])
     teacher, student = parser.get_default("teacher"), parser.get_default("student")
     if preset == "toy":  # a student made here by SFT (the warm start) is evaluated where it lies
         (tmp_path / student).mkdir(parents=True)

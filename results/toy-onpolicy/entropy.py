@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.getcwd())
 import data  # noqa: E402
+import config  # noqa: E402
 import train  # noqa: E402
 from model import GPT  # noqa: E402
 
@@ -50,9 +51,9 @@ def sampled_answers(model, examples, tokenizer):
 
 
 def main():
-    args = train.parse_args(["--preset", "toy", "--loss", "fkl"])
-    tokenizer, _, teacher, train_set, _ = train.load_run(args, 0, 1, torch.device("cpu"),
-                                                         torch.float32)
+    args = config.parse_args(["--preset", "toy", "--loss", "fkl", "--device", "cpu"])
+    run = train.load_run(args)
+    tokenizer, teacher, train_set = run.tokenizer, run.teacher, run.train_set
     examples = train_set[:128]
     fixed = data.collate_train(examples, tokenizer.pad_id)
     print(f"teacher entropy on its own responses: {token_stats(teacher, fixed)[0]:.3f}\n")
