@@ -116,6 +116,10 @@ def main(argv=None):
     checks.writable("--out", args.out or args.student)
     tokenizer = data.load_tokenizer(args.student)
     checks.same_vocabulary(data.load_tokenizer(args.teacher), tokenizer, args.teacher, args.student)
+    widths = {name: checks.output_width(name) for name in (args.teacher, args.student)}
+    if None not in widths.values() and len(set(widths.values())) > 1:
+        checks.fail(f"--teacher has {widths[args.teacher]} output ids, --student {widths[args.student]}: the "
+                    "analysis compares their distributions id by id over one width")
     teacher, student = GPT.from_pretrained(args.teacher), GPT.from_pretrained(args.student)
     records = data.load_split(args.data, "train", args.data_dir)[: args.examples]
     zs, zt, targets = response_logits(teacher, student, tokenizer, records)

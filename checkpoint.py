@@ -1,6 +1,7 @@
 """What a run leaves on disk and how it survives being stopped: last.pt (written atomically, checked
 at the door, read once, restored exactly), preemption signals, the temporary files a killed run
 leaves behind, and the progress bar with its log.jsonl."""
+import contextlib
 import json
 import os
 import random
@@ -9,26 +10,65 @@ import signal
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import checks
+import distributed
+import files
 from files import atomic_write
 
 
 # --- last.pt --------------------------------------------------------------------------------------
 
-def save(path, args, state, student, optimizer, is_main):
+def save(path, args, state, student, optimizer, is_main, stop=None):
     """Everything a resumed run needs: weights, optimizer, step/epoch/best score, settings, RNG
-    states. Under FSDP every process must call (the whole state is gathered); rank 0 writes."""
+    states. Under FSDP every process must call (the whole state is gathered); rank 0 writes, and a
+    second signal (`stop`) waits for the write to end."""
     model_state, optim_state = student.state_dicts(optimizer)
     if not is_main:
         return
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     checkpoint = {"model": model_state, "optimizer": optim_state, "state": dict(state), "args": vars(args),
                   "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda_rng}}
-    atomic_write(str(path), lambda tmp: torch.save(checkpoint, tmp))
+    with stop.saving() if stop else contextlib.nullcontext():
+        atomic_write(str(path), lambda tmp: torch.save(checkpoint, tmp))
+
+
+@contextlib.contextmanager
+def claim(out, args, is_main):
+    """Hold a run directory for this run, from its first write into it to its end: a second run into
+    it is refused in one line with exit status checks.BUSY. The kernel releases the claim when the
+    process ends, however it ends (files.locked). Then: the temporary files a killed run left are
+    cleaned, and a fresh run writes its args.json. (Rank 0 does all this for a torchrun world.)"""
+    if not is_main:
+        yield
+        return
+    lock = files.locked(os.path.join(out, ".lock"), wait=False)
+    try:
+        lock.__enter__()
+    except files.Busy:
+        checks.busy(f"--out {out} is in use: another run is writing into it (choose another --out, or wait)")
+    try:
+        clean_stale_files(Path(out))
+        if not args.resume:
+            Path(out, "args.json").write_text(json.dumps(vars(args), indent=1))
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def check_free(flag, out):
+    """The door's look: refuse at once a run directory another run holds (see claim)."""
+    lock = os.path.join(out, ".lock")
+    if os.path.isfile(lock):
+        try:
+            with files.locked(lock, wait=False):
+                pass
+        except files.Busy:
+            checks.busy(f"{flag} {out} is in use: another run is writing into it (choose another {flag}, or wait)")
 
 
 def check_file(flag, path):
@@ -73,41 +113,72 @@ def restore(checkpoint, path, student, optimizer):
 # --- Preemption, and what a killed run leaves behind ----------------------------------------------
 
 class StopOnSignal:
-    """SIGTERM (how clusters preempt a job) or SIGINT (Ctrl-C): finish the current optimizer step,
-    write last.pt, say how to resume, exit non-zero. A second signal stops at once. Under torchrun
-    the processes agree each step (any one signalled stops them all), so they write the same
-    last.pt."""
+    """The preemption contract of every long stage (teacher responses, training, validation,
+    evaluation). SIGTERM (how clusters preempt a job) or SIGINT (Ctrl-C): the stage finishes its unit
+    of work (a chunk of responses, an optimizer step, a validation, one benchmark and seed of an
+    evaluation), saves it, says how to continue, and exits with 128 + the signal's number (143 for
+    SIGTERM, 130 for Ctrl-C), as a killed process would. A second signal stops at once, except that
+    a file being written inside `saving()` is finished first: what is saved stays whole.
 
-    def __init__(self, world_size, device, resume_command):
-        self.world_size, self.device, self.signum, self.requested = world_size, device, None, False
-        self.resume_command = resume_command
+    Use it as `with StopOnSignal(...) as stop:`, and call `stop.check()` between units (under
+    torchrun every process must: any one signalled stops them all, at the same unit)."""
+
+    def __init__(self, command=None):
+        self.command = command  # what continues the stage in progress (its owner updates it)
+        self.signum, self.requested, self.in_save, self.second = None, False, False, None
+
+    def __enter__(self):
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
 
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, then writing last.pt")
-
-    def check(self):
-        flag = torch.tensor([float(self.signum is not None)], device=self.device)
-        if self.world_size > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.requested = bool(flag.item())
-        return self.requested
-
-    def restore(self):
+    def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
-    def exit(self, out, is_main):
-        """Leave with 128 + the signal's number (143 for SIGTERM, 130 for Ctrl-C), as a killed
-        process would."""
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            tqdm.write(f"{signal.Signals(signum).name}: finishing this unit of work, then saving and stopping "
+                       "(a second signal stops at once)")
+        elif self.in_save:
+            self.second = signum  # honoured when the write ends
+        else:
+            self._stop_now(signum)
+
+    def _stop_now(self, signum):
+        checks.close_progress_bars()
+        print(f"{signal.Signals(signum).name} again: stopped at once; what was saved before stays", file=sys.stderr,
+              flush=True)
+        raise SystemExit(128 + signum)
+
+    @contextlib.contextmanager
+    def saving(self):
+        """A write that a second signal must not interrupt."""
+        self.in_save = True
+        try:
+            yield
+        finally:
+            self.in_save = False
+        if self.second is not None:
+            self._stop_now(self.second)
+
+    @property
+    def signalled(self):
+        """Has this process been signalled? (No collective: for work that one process does alone.)"""
+        return self.signum is not None
+
+    def check(self):
+        """Has any process been signalled? (A collective under torchrun: every process calls it.)"""
+        self.requested = distributed.any_process(self.signum is not None)
+        return self.requested
+
+    def exit(self, kept, is_main=True):
+        """Leave with 128 + the signal's number, saying what is kept and the command that continues."""
         if is_main:
-            command = self.resume_command or f"the same command with --resume (run directory {out})"
+            checks.close_progress_bars()
             name = signal.Signals(self.signum or signal.SIGTERM).name
-            print(f"{name}: stopped; {out}/last.pt holds every finished step. Resume with:\n  {command}",
-                  file=sys.stderr, flush=True)
+            command = self.command or "the same command"
+            print(f"{name}: stopped; {kept}. Continue with:\n  {command}", file=sys.stderr, flush=True)
         raise SystemExit(128 + (self.signum or signal.SIGTERM))
 
 
@@ -168,10 +239,21 @@ class Progress:
 
 
 def open_log(path, resumed_at):
-    """log.jsonl, fresh, or on resume without the lines of steps after last.pt (a killed run logged
-    them; the resumed run logs them again)."""
-    if resumed_at is not None and path.is_file():
-        lines = path.read_text().splitlines()
-        kept = [line for line in lines if json.loads(line)["step"] <= resumed_at]
-        path.write_text("".join(line + "\n" for line in kept))
+    """log.jsonl: a fresh run starts a fresh one (a run killed before its first last.pt leaves an old
+    one behind); a resumed run keeps the lines up to last.pt's step (a killed run logged later steps,
+    which the resumed run logs again). A torn last line (a kill in mid-write) is dropped; a broken
+    line before it is named."""
+    if resumed_at is None or not path.is_file():
+        return open(path, "w")
+    lines, kept = path.read_text(encoding="utf-8", errors="replace").splitlines(), []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON log line: repair or delete the line, then --resume")
+        if record.get("step", 0) <= resumed_at:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
     return open(path, "a")

@@ -14,21 +14,47 @@ import os
 import sys
 
 from hf_files import looks_local, weight_files
+from model import HF_NAMES
+
+MODEL_TYPES = tuple(HF_NAMES)  # the families model.py loads
+
+
+BUSY = 75  # the exit status of a command refused because another process holds what it needs (EX_TEMPFAIL)
 
 
 def fail(message):
     raise SystemExit(f"error: {message}")
 
 
+def busy(message):
+    """Refuse in one line with exit status BUSY (sweep.sh skips such a cell instead of failing)."""
+    close_progress_bars()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(BUSY)
+
+
+def close_progress_bars():
+    """Close every live tqdm bar, so that the error after it stands on its own line and is the last
+    thing on screen (a live bar has no newline yet, and redraws itself after what is printed)."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def run_cli(main):
-    """Run a command line's main(): our errors about inputs end in one line and exit status 2."""
+    """Run a command line's main(): our errors about inputs end in one line and exit status 2; any
+    error leaves no progress bar drawn after it."""
     try:
         main()
     except (ValueError, FileNotFoundError) as e:
+        close_progress_bars()
         if os.environ.get("TEMPKD_TRACEBACK"):
             raise
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
+    except (SystemExit, KeyboardInterrupt):
+        close_progress_bars()
+        raise
 
 
 def at_least(flag, value, low):
@@ -71,6 +97,11 @@ def checkpoint(flag, name):
             fail(f"{flag} {name}: no config.json in that directory")
         except (ValueError, UnicodeDecodeError) as e:
             fail(f"{flag} {name}: config.json is not valid JSON ({e})")
+        if not isinstance(config, dict):
+            fail(f"{flag} {name}: config.json holds a JSON {type(config).__name__}, not an object of settings")
+        if config.get("model_type") not in MODEL_TYPES:
+            fail(f"{flag} {name}: config.json's model_type {config.get('model_type')!r} is not one tempkd loads "
+                 f"({', '.join(MODEL_TYPES)})")
         try:
             weight_files(os.listdir(name), name)
         except FileNotFoundError as e:
@@ -79,6 +110,22 @@ def checkpoint(flag, name):
     if looks_local(name):
         fail(f"{flag} {name}: no such directory")
     return None
+
+
+def output_width(name):
+    """How many output ids (rows of the embedding) a local checkpoint's config.json declares (None for
+    a hub id, or when it does not say)."""
+    try:
+        return json.loads(open(os.path.join(name, "config.json"), encoding="utf-8").read()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def device(flag, name):
+    """--device cuda needs a visible GPU."""
+    import torch
+    if name == "cuda" and not torch.cuda.is_available():
+        fail(f"{flag} cuda, but no GPU is visible (CUDA_VISIBLE_DEVICES?): use {flag} cpu")
 
 
 def writable(flag, path):

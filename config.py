@@ -136,9 +136,16 @@ def check_args(args):
     data.check_benchmarks("--eval-benchmarks", args.eval_benchmarks, args.data_dir)
     checks.seeds("--eval-seeds", args.eval_seeds)
     checks.writable("--out", args.out)
+    checkpoint.check_free("--out", args.out)
+    if args.responses == "teacher":  # where the teacher's responses are cached
+        checks.writable("--data-dir", os.path.join(args.data_dir, "responses"))
     if args.mode == "kd":  # last: a hub model's tokenizer is downloaded for it
         checks.same_vocabulary(tokenizer_for(to_make.get(args.teacher, args.teacher)),
                                tokenizer_for(to_make.get(args.student, args.student)), args.teacher, args.student)
+    marker = len(tokenizer_for(to_make.get(args.student, args.student)).encode(data.RESPONSE_MARKER))
+    if args.max_prompt_len <= marker:
+        checks.fail(f"--max-prompt-len {args.max_prompt_len} cannot hold any prompt: the '### Response:' marker "
+                    f"alone takes {marker} tokens")
     last = os.path.join(args.out, "last.pt")
     if os.path.isfile(last) and not args.resume:
         checks.fail(f"{args.out} holds another run's checkpoint (last.pt): pass --resume to continue it, or "
@@ -163,6 +170,10 @@ def check_numbers(args):
                  "valid_max_new_tokens", "max_prompt_len", "log_every"):
         checks.at_least("--" + flag.replace("_", "-"), getattr(args, flag), 1)
     checks.at_least("--save-every", args.save_every, 0)
+    if args.batch_size % world_size:  # before dividing by it
+        checks.fail(f"--batch-size {args.batch_size} must be a multiple of the {world_size} processes")
+    if args.fsdp and "RANK" not in os.environ:
+        checks.fail("--fsdp shards the student over torchrun's processes: start with torchrun --nproc_per_node N")
     micro_batch_size = args.micro_batch_size or args.batch_size // world_size
     if args.batch_size % (world_size * micro_batch_size):
         checks.fail(f"--batch-size {args.batch_size} must be a multiple of processes ({world_size}) x "
@@ -189,7 +200,7 @@ def check_models(args):
     """Teacher and student: checkpoints there (or a from-scratch size), long enough for --max-len. A
     toy stage this command makes first is checked by the size it makes: returns {its best/: that
     size}."""
-    to_make = {f"{out}/best": argv[argv.index("--student") + 1] for out, argv in toy.stages_to_make(args)}
+    to_make = {f"{out}/best": toy.STAGES[out][toy.STAGES[out].index("--student") + 1] for out in toy.stages_needed(args)}
     models = [("--student", args.student)] + ([("--teacher", args.teacher)] if args.mode == "kd" else [])
     for flag, name in models:
         if not name:
@@ -223,8 +234,11 @@ def check_resume(saved_args, args, path):
                          + ", ".join(f"{k}={saved.get(k)!r} -> {getattr(args, k)!r}" for k in changed))
 
 
-def resume_command(argv, args):
-    """The command line that continues this run after a preemption (printed when it stops)."""
+def commands(argv, args):
+    """(the command as given, the command that resumes it): what continues a run that a signal
+    stopped before its first step (teacher responses, a toy stage) and after it (printed when it
+    stops)."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        return "the same torchrun command with --resume"
-    return shlex.join(["python", "train.py", *argv, *([] if args.resume else ["--resume"])])
+        return "the same torchrun command", "the same torchrun command with --resume"
+    given = ["python", "train.py", *argv]
+    return shlex.join(given), shlex.join(given + ([] if args.resume else ["--resume"]))

@@ -72,12 +72,24 @@ class Tokenizer:
         return ranks if self.rank_to_id is None else self.rank_to_id[ranks].tolist()
 
     def decode(self, ids):
+        """ids -> text; an id with no token (a padding row of the embedding) decodes to nothing."""
         ids = [int(i) for i in ids]
         if self.rank_to_id is not None:
             ranks = self.id_to_rank[[i for i in ids if 0 <= i < len(self.id_to_rank)]]
-            # ids with no token (e.g. OPT's <pad>/<unk>) decode to nothing
             ids = ranks[ranks >= 0].tolist()
-        return self.encoding.decode(ids, errors="replace")
+        return self.encoding.decode([i for i in ids if 0 <= i < self.encoding.n_vocab], errors="replace")
+
+    def token_mask(self, n_ids):
+        """(n_ids,) bool: which of a model's output ids stand for a token. Embeddings are often wider
+        than their tokenizer (OPT: 50,272 rows for 50,265 tokens): the other rows are padding, never
+        to be sampled. None when every id has a token."""
+        if self.rank_to_id is None:
+            has = torch.arange(n_ids) < self.encoding.n_vocab
+        else:
+            has = torch.zeros(n_ids, dtype=torch.bool)
+            ids = self.rank_to_id[self.rank_to_id < n_ids]
+            has[torch.as_tensor(ids)] = True
+        return None if bool(has.all()) else has
 
     def id_to_bytes(self):
         """{model id: the bytes it stands for}, over the whole vocabulary and the special tokens."""
@@ -183,21 +195,23 @@ def read_jsonl(path, check=None):
         raise FileNotFoundError(f"{path} does not exist (run `python data.py prepare` to download "
                                 "the benchmarks)")
     records = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {number}: malformed json ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}, line {number}: a record must be a JSON object, got "
-                                     f"{type(record).__name__}")
-                records.append(check(record, f"{path}, line {number}") if check else record)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.start} of a line cannot be decoded)") from None
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}, line {number} is not UTF-8 text (its byte {e.start + 1} cannot be "
+                                 "decoded)") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}: malformed json ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {number}: a record must be a JSON object, got "
+                                 f"{type(record).__name__}")
+            records.append(check(record, f"{path}, line {number}") if check else record)
     return records
 
 
@@ -307,7 +321,9 @@ def load_split(benchmark, split, data_dir=DATA_DIR):
     test. A path to a jsonl file (e.g. teacher-generated responses) is read as is."""
     if benchmark.endswith(".jsonl"):
         return read_jsonl(benchmark, normalize)
-    if benchmark == "toy-hard":
+    if benchmark == "toy-hard":  # a test set only: validating on it would select the model on its test set
+        if split != "test":
+            raise ValueError(f"toy-hard has a test split only, not {split!r}: validate on toy")
         benchmark, split = "toy", "test-hard"
     if benchmark == "toy":
         return toy_split(split)
@@ -326,10 +342,15 @@ def check_benchmark(flag, name, data_dir, split=None):
     if name.endswith(".jsonl"):
         if not os.path.isfile(name):
             checks.fail(f"{flag} {name}: no such file")
+        if not read_jsonl(name, normalize):  # each record checked (a bad line is named), and at least one
+            checks.fail(f"{flag} {name}: the file holds no records")
         return
     known = [*BENCHMARKS, "toy", "toy-hard"]
     if name not in known:
         checks.fail(f"{flag}: unknown benchmark {name!r}: choose from {', '.join(known)}, or give a .jsonl file")
+    if name == "toy-hard" and split not in (None, "test"):
+        checks.fail(f"{flag} toy-hard: toy-hard is a test set, with no {split} split (model selection on it "
+                    "would be selection on the test set): use toy")
     path = os.path.join(data_dir, name, f"{split}.jsonl")
     if split and not name.startswith("toy") and not os.path.isfile(path):
         checks.fail(f"{flag} {name}: {path} is missing: run `python data.py prepare` first")

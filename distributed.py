@@ -72,6 +72,15 @@ def all_sum(*values):
     return tuple(summed)
 
 
+def any_process(flag):
+    """True on every process if `flag` is true on any (itself in a world of one)."""
+    if not _several():
+        return flag
+    on_wire = torch.tensor([float(flag)], device=_collective_device())
+    dist.all_reduce(on_wire, op=dist.ReduceOp.MAX)
+    return bool(on_wire.item())
+
+
 def from_main(value):
     """Rank 0's float on every process (the value itself in a world of one)."""
     if not _several():

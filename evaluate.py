@@ -15,7 +15,9 @@ import functools
 import json
 import math
 import os
+import shlex
 import statistics
+import sys
 from pathlib import Path
 
 # Deterministic CPU runs (see train.py)
@@ -26,6 +28,7 @@ from tqdm import tqdm
 import checks
 import data
 import plots
+from checkpoint import StopOnSignal
 from files import atomic_write
 from losses import LOSSES, ce_loss
 from model import GPT
@@ -71,6 +74,7 @@ def sample(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256, p
     (seed, b), so the same seed gives the same samples."""
     decoding = decoding_settings(tokenizer, **decoding)
     device = next(model.parameters()).device
+    allowed = tokenizer.token_mask(model.cfg.vocab_size)  # None when every output id is a token
     encoded = [data.encode_example(tokenizer, r["prompt"], max_prompt_len=max_prompt_len) for r in records]
     order = sorted((i for i, e in enumerate(encoded) if e is not None),
                    key=lambda i: len(encoded[i][0]))
@@ -81,7 +85,7 @@ def sample(model, tokenizer, records, seed, batch_size=32, max_prompt_len=256, p
         rows = order[start:start + batch_size]
         input_ids, mask = data.collate_prompts([encoded[i][0] for i in rows], tokenizer.pad_id)
         generator = torch.Generator(device).manual_seed(seed * 100_003 + b)
-        new = model.generate(input_ids.to(device), mask.to(device), eos_token_id=tokenizer.eos_id,
+        new = model.generate(input_ids.to(device), mask.to(device), eos_token_id=tokenizer.eos_id, allowed=allowed,
                              generator=generator, **decoding)
         for i, tokens in zip(rows, new.tolist()):
             ended = tokenizer.eos_id in tokens
@@ -100,7 +104,9 @@ def generate_responses(model, tokenizer, records, seed, batch_size=32, max_promp
 
 def score(records, responses):
     """Mean ROUGE-L over examples; every example counts."""
-    return statistics.fmean(rouge_l(p, r["output"]) for p, r in zip(responses, records)) if records else 0.0
+    if not records:
+        raise ValueError("no examples to score: ROUGE-L over nothing would read as 0.0")
+    return statistics.fmean(rouge_l(p, r["output"]) for p, r in zip(responses, records))
 
 
 def validation_score(model, tokenizer, records, seed=0, greedy=False, batch_size=32, max_new_tokens=256):
@@ -116,40 +122,80 @@ def validation_score(model, tokenizer, records, seed=0, greedy=False, batch_size
 
 
 def evaluate(model, tokenizer, benchmarks, seeds=SEEDS, batch_size=32, out_dir=None, data_dir=data.DATA_DIR,
-             max_examples=None, **decoding):
+             max_examples=None, stop=None, **decoding):
     """Score every benchmark over every seed. Writes predictions-<bench>-seed<k>.jsonl and
     results.json to out_dir when given. Returns {benchmark: {"scores": {seed: rouge}, "mean", "std",
-    "n"}}."""
+    "n"}}.
+
+    With out_dir, each finished (benchmark, seed) is kept in out_dir/progress.json as it ends: after a
+    signal (`stop`, checkpoint.StopOnSignal) the evaluation ends once the unit in progress is written,
+    and the same call continues from there."""
+    settings = decoding_settings(tokenizer, **decoding)
+    done = _read_progress(out_dir, settings) if out_dir else {}
     results = {}
     for benchmark in benchmarks:
         records = data.load_split(benchmark, "test", data_dir)[:max_examples]
+        if not records:
+            raise ValueError(f"benchmark {benchmark}: its test split holds no examples to score")
         scores = {}
         for seed in seeds:
-            responses = generate_responses(model, tokenizer, records, seed, batch_size,
-                                           desc=f"{benchmark} seed {seed}", **decoding)
+            if f"{seed}" in done.get(benchmark, {}).get("scores", {}) and done[benchmark]["n"] == len(records):
+                scores[seed] = done[benchmark]["scores"][f"{seed}"]  # scored before a signal stopped the run
+                continue
+            responses = generate_responses(model, tokenizer, records, seed, batch_size, desc=f"{benchmark} seed {seed}",
+                                           **decoding)
             per_example = [rouge_l(p, r["output"]) for p, r in zip(responses, records)]
-            scores[seed] = statistics.fmean(per_example) if per_example else 0.0
+            scores[seed] = statistics.fmean(per_example)
             if out_dir:
                 data.write_jsonl(os.path.join(out_dir, f"predictions-{benchmark}-seed{seed}.jsonl"),
-                                 [{"prompt": r["prompt"], "prediction": p,
-                                   "references": r["output"], "rougeL": s}
+                                 [{"prompt": r["prompt"], "prediction": p, "references": r["output"], "rougeL": s}
                                   for r, p, s in zip(records, responses, per_example)])
+                done[benchmark] = {"n": len(records), "scores": {**done.get(benchmark, {}).get("scores", {}),
+                                                                 f"{seed}": scores[seed]}}
+                _write(os.path.join(out_dir, "progress.json"), {"decoding": settings, "benchmarks": done})
+            if stop is not None and stop.signalled:
+                kept = sum(len(d["scores"]) for d in done.values())
+                stop.exit(f"{out_dir} keeps {kept} of {len(benchmarks) * len(seeds)} benchmark x seed scores")
         values = list(scores.values())
         results[benchmark] = {"scores": scores, "mean": statistics.fmean(values),
                               "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(records)}
     if out_dir:
-        settings = decoding_settings(tokenizer, **decoding)
-        payload = json.dumps({"benchmarks": results, "decoding": settings, "seeds": list(seeds)}, indent=1)
-        atomic_write(os.path.join(out_dir, "results.json"), lambda tmp: Path(tmp).write_text(payload))
+        _write(os.path.join(out_dir, "results.json"), {"benchmarks": results, "decoding": settings, "seeds": list(seeds)})
+        Path(out_dir, "progress.json").unlink(missing_ok=True)
     return results
 
 
-def evaluate_checkpoint(model_dir, benchmarks, seeds, data_dir, device):
+def _write(path, payload):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    text = json.dumps(payload, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _read_progress(out_dir, settings):
+    """{benchmark: {"n", "scores": {seed: score}}} of an evaluation a signal stopped, if it decoded
+    with the same settings (else nothing: it starts over)."""
+    path = Path(out_dir, "progress.json")
+    try:
+        progress = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return progress["benchmarks"] if progress.get("decoding") == settings else {}
+
+
+def results_table(results):
+    lines = ["| benchmark | ROUGE-L (mean ± std) | seeds | n |", "|---|---|---|---|"]
+    for benchmark, r in results.items():
+        per_seed = ", ".join(f"{s:.2f}" for s in r["scores"].values())
+        lines.append(f"| {benchmark} | {r['mean']:.2f} ± {r['std']:.2f} | {per_seed} | {r['n']} |")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(model_dir, benchmarks, seeds, data_dir, device, stop=None):
     """train.py's last act: score its best/ (written to best/eval/) and print the table."""
     model = GPT.from_pretrained(str(model_dir), device=device)
     tokenizer = data.load_tokenizer(str(model_dir))
     results = evaluate(model, tokenizer, benchmarks, seeds, out_dir=os.path.join(model_dir, "eval"),
-                       data_dir=data_dir)
+                       data_dir=data_dir, stop=stop)
     print(f"\n{os.path.dirname(model_dir)}: ROUGE-L of best/ (sampled, decode temperature 1)\n"
           + results_table(results))
 
@@ -165,14 +211,6 @@ def validation_ce(model, encoded, pad_id, batch_size=16):
             total += float(ce_loss(logits, y.to(device), reduction="sum"))
             n_tokens += int((y != -100).sum())
     return total / max(n_tokens, 1)
-
-
-def results_table(results):
-    lines = ["| benchmark | ROUGE-L (mean ± std) | seeds | n |", "|---|---|---|---|"]
-    for benchmark, r in results.items():
-        per_seed = ", ".join(f"{s:.2f}" for s in r["scores"].values())
-        lines.append(f"| {benchmark} | {r['mean']:.2f} ± {r['std']:.2f} | {per_seed} | {r['n']} |")
-    return "\n".join(lines)
 
 
 # ==================================================================================================
@@ -279,7 +317,8 @@ def summarize(runs_dir, out_dir=None, eval_name="eval"):
                for o in objectives]
     # the SFT rows (teacher, warm start) go in the title: as curves they would squash the students'
     title = ", ".join(f"{o} {_average(grid[(o, t)], averaged):.1f}" for o, t in grid if t is None)
-    plots.tau_grid(objectives, taus, values, spreads, title, out_dir)
+    if objectives:  # (a directory of SFT runs only has rows, and no tau to plot)
+        plots.tau_grid(objectives, taus, values, spreads, title, out_dir)
     return table
 
 
@@ -389,7 +428,6 @@ def compare(runs_dirs, names, objectives=("fkl", "rkl"), eval_name="eval", out_d
 
 
 def main(argv=None):
-    import sys
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
         parser = argparse.ArgumentParser(prog="evaluate.py compare",
@@ -446,38 +484,40 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=data.DATA_DIR)
     parser.add_argument("--out", default=None, help="default: <model>/<eval-name> (one --model only)")
     parser.add_argument("--eval-name", default="eval", help="e.g. eval-greedy next to the protocol's eval/")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if a GPU is visible, else cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
     if args.out and len(args.model) > 1:
         parser.error("--out takes one --model; with several, results go to <model>/<eval-name>")
+    outs = {name: args.out or (os.path.join(name, args.eval_name) if os.path.isdir(name)
+                               else os.path.join(args.eval_name, name)) for name in args.model}
     for name in args.model:  # the door (checks.py): before any model loads
         checks.checkpoint("--model", name)
+        checks.writable("--out" if args.out else "--model", outs[name])  # where its files go
     if args.tokenizer and not os.path.isdir(args.tokenizer) and checks.looks_local(args.tokenizer):
         checks.fail(f"--tokenizer {args.tokenizer}: no such directory")
     benchmarks = data.check_benchmarks("--benchmarks", args.benchmarks, args.data_dir)
     if not benchmarks:
         checks.fail("--benchmarks names no benchmark")
     seeds = checks.seeds("--seeds", args.seeds)
-    for flag, value, low in (("--batch-size", args.batch_size, 1),
-                             ("--max-examples", args.max_examples, 1),
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-examples", args.max_examples, 1),
                              ("--max-new-tokens", args.max_new_tokens, 1),
                              ("--no-repeat-ngram-size", args.no_repeat_ngram_size, 0)):
         checks.at_least(flag, value, low)
     checks.finite("--decode-temperature", args.decode_temperature, low=0)
-    checks.writable("--out", args.out or ".")
+    checks.device("--device", args.device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ngram = {}  # the protocol's default unless given
     if args.no_repeat_ngram_size is not None:
         ngram = {"no_repeat_ngram_size": args.no_repeat_ngram_size}
-    for name in args.model:
-        model = GPT.from_pretrained(name, dtype=getattr(torch, args.dtype), device=args.device)
-        tokenizer = data.load_tokenizer(args.tokenizer or name)
-        out = args.out or (os.path.join(name, args.eval_name) if os.path.isdir(name)
-                           else os.path.join(args.eval_name, name))
-        results = evaluate(model, tokenizer, benchmarks, seeds, args.batch_size, out, args.data_dir,
-                           args.max_examples, temperature=args.decode_temperature,
-                           max_new_tokens=args.max_new_tokens, **ngram)
-        print(f"{name}\n{results_table(results)}\npredictions and results.json in {out}")
+    with StopOnSignal(command=shlex.join(["python", "evaluate.py", *argv])) as stop:
+        for name in args.model:
+            model = GPT.from_pretrained(name, dtype=getattr(torch, args.dtype), device=device)
+            tokenizer = data.load_tokenizer(args.tokenizer or name)
+            results = evaluate(model, tokenizer, benchmarks, seeds, args.batch_size, outs[name], args.data_dir,
+                               args.max_examples, stop, temperature=args.decode_temperature,
+                               max_new_tokens=args.max_new_tokens, **ngram)
+            print(f"{name}\n{results_table(results)}\npredictions and results.json in {outs[name]}")
 
 
 if __name__ == "__main__":

@@ -163,11 +163,12 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=256, temperature=1.0,
-                 top_k=0, top_p=1.0, no_repeat_ngram_size=0, eos_token_id=None, generator=None):
+                 top_k=0, top_p=1.0, no_repeat_ngram_size=0, eos_token_id=None, generator=None, allowed=None):
         """Sample up to max_new_tokens after left-padded prompts (B, T0) -> the new tokens only
         (B, <=N). temperature=0 is greedy. A finished row is padded with EOS; the loop ends when
         every row has emitted EOS. `generator` (a torch.Generator on the model's device, or a list
-        of one per row) makes sampling reproducible."""
+        of one per row) makes sampling reproducible. `allowed` (V,) bool: the only ids that may be
+        emitted (None: all; the rows of an embedding wider than its tokenizer are not tokens)."""
         B, T0 = input_ids.shape
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         if bool((attention_mask.sum(1) + max_new_tokens > self.cfg.n_positions).any()):
@@ -182,7 +183,10 @@ class GPT(nn.Module):
                 for row, m in zip(input_ids, attention_mask)] if no_repeat_ngram_size > 0 else []
         logits = self(input_ids, mask[:, :T0], cache=cache, last_only=True)[:, -1]  # (B, V)
         finished, new_tokens = torch.zeros(B, dtype=torch.bool, device=input_ids.device), []
+        banned = None if allowed is None else ~allowed.to(logits.device)
         for step in range(max_new_tokens):
+            if banned is not None:
+                logits = logits.masked_fill(banned, float("-inf"))
             for row, index in enumerate(seen):  # forbid tokens that would repeat a row's n-gram
                 logits[row, index.banned()] = float("-inf")
             token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -214,6 +218,8 @@ class GPT(nn.Module):
         except (KeyError, json.JSONDecodeError) as e:
             bad = f"lacks the field {e}" if isinstance(e, KeyError) else f"is not valid JSON ({e})"
             raise ValueError(f"config.json in {directory} {bad}") from None
+        except ValueError as e:  # an unknown model_type, or JSON that is not an object
+            raise ValueError(f"config.json in {directory}: {e}") from None
         with torch.device("meta"):  # no memory yet: each tensor is made once, in `dtype`, as read
             model = cls(cfg)
         shapes = {name: t.shape for name, t in model.state_dict().items()}
@@ -336,6 +342,8 @@ def _hf_names(cfg, name):
 
 def config_from_hf(hf):
     """A Hugging Face config.json (as a dict) -> GPTConfig."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"it holds a JSON {type(hf).__name__}, not an object of settings")
     kind = hf.get("model_type")
     if kind == "gpt2":
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):

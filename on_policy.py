@@ -35,7 +35,7 @@ def kd_examples(args, student, examples, example_ids, step, tokenizer):
     with torch.no_grad():
         new = model.eval().generate(input_ids.to(device), attention_mask.to(device),
                                     max_new_tokens=args.max_len - args.max_prompt_len, eos_token_id=eos,
-                                    generator=generators)
+                                    generator=generators, allowed=tokenizer.token_mask(model.cfg.vocab_size))
     model.train()
     return [(prompt, row[:row.index(eos) + 1] if eos in row else row) for prompt, row in zip(prompts, new.tolist())]
 

@@ -10,7 +10,9 @@
 #   PRESET=toy STUDENT_GEN_RATIO=0.5 LOSSES="fkl rkl" TAUS="1 2 3" bash sweep.sh  # on-policy steps
 #
 # Finished runs (finished.json) are not trained again, evaluated ones (best/eval/results.json) not
-# evaluated again, and interrupted ones resume, so the same command continues an interrupted sweep. EXTRA="--micro-batch-size 4" passes flags to every
+# evaluated again, and interrupted ones resume, so the same command continues an interrupted sweep.
+# Sweeps can run side by side (one per GPU, say): a cell another process is training is skipped, and
+# the teacher's responses and the toy's stages are made by one process while the others wait. EXTRA="--micro-batch-size 4" passes flags to every
 # train.py call.
 # RESPONSES=teacher (the paper's setting, default) trains on the teacher's responses: the first run
 # samples them once (shared out over its NPROC processes) into data/responses/, and every later run
@@ -63,19 +65,31 @@ else
   EVAL_SEEDS=${EVAL_SEEDS:-10,20,30,40,50} # the protocol's sampling seeds
 fi
 # Every setting is checked before the first run (also with DRY_RUN): a typo never runs half a grid
-for tau in $TAUS; do
-  [[ "$tau" =~ ^[0-9]*\.?[0-9]+$ && ! "$tau" =~ ^[0.]+$ ]] ||
-    fail "TAUS: '$tau' is not a number > 0"
-done
-for seed in $SEEDS; do
-  [[ "$seed" =~ ^[0-9]+$ ]] || fail "SEEDS: '$seed' is not a whole number"
-done
+[[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || fail "NPROC must be a whole number >= 1, got '$NPROC'"
 [[ -n "${LOSSES// /}" && -n "${TAUS// /}" && -n "${SEEDS// /}" ]] ||
   fail "LOSSES, TAUS and SEEDS must not be empty"
-PYTHONPATH="$HERE" $PYTHON -c "import sys, losses
-bad = [loss for loss in '$LOSSES'.split() if loss not in losses.LOSSES]
-known = ' '.join(losses.LOSSES)
-if bad: sys.exit(f'error: LOSSES: unknown objective {bad[0]!r}: choose from {known}')"
+PYTHONPATH="$HERE" $PYTHON - "$LOSSES" "$TAUS" "$SEEDS" "$EVAL_SEEDS" "$BENCHMARKS" <<'CHECK' || exit 2
+import math, sys
+import checks, data, losses
+names, taus, seeds, eval_seeds, benchmarks = sys.argv[1:]
+bad = [loss for loss in names.split() if loss not in losses.LOSSES]
+if bad:
+    checks.fail(f"LOSSES: unknown objective {bad[0]!r}: choose from {' '.join(losses.LOSSES)}")
+for tau in taus.split():
+    try:
+        ok = math.isfinite(float(tau)) and float(tau) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        checks.fail(f"TAUS: {tau!r} is not a number > 0")
+for seed in seeds.split():
+    if not seed.isdigit():
+        checks.fail(f"SEEDS: {seed!r} is not a whole number")
+checks.seeds("EVAL_SEEDS", eval_seeds)
+if not data.check_benchmarks("BENCHMARKS", benchmarks, data_dir=data.DATA_DIR, split=None):
+    checks.fail("BENCHMARKS names no benchmark")
+CHECK
+is_one() { awk -v t="$1" 'BEGIN { exit !(t + 0 == 1) }'; }  # numerically: "1", "1.0" and "1.00" alike
 
 run() {  # print, then run unless DRY_RUN is set
   echo "+ $*"
@@ -93,17 +107,24 @@ evaluate() {  # evaluate() MODEL_DIR: the protocol's sampled ROUGE-L over every 
 for seed in $SEEDS; do
   for loss in $LOSSES; do
     for tau in $TAUS; do
-      if [[ " $TAU1_ONLY " == *" $loss "* ]] && [ "$tau" != 1 ]; then continue; fi
+      if [[ " $TAU1_ONLY " == *" $loss "* ]] && ! is_one "$tau"; then continue; fi
       out="$RUNS/$loss-tau$tau-seed$seed"
       # only a whole run is skipped
       if [ ! -f "$out/finished.json" ] || [ ! -f "$out/best/config.json" ]; then
         resume=()
         if [ -f "$out/last.pt" ]; then resume=(--resume); fi
         # train.py evaluates best/ itself when it finishes (one process start less per run)
+        status=0
         # shellcheck disable=SC2086
         run "${LAUNCH[@]}" "$HERE/train.py" --preset "$PRESET" --loss "$loss" --tau "$tau" \
           --seed "$seed" --out "$out" --responses "$RESPONSES" --eval-benchmarks "$BENCHMARKS" \
-          --eval-seeds "$EVAL_SEEDS" "${GEN[@]}" "${resume[@]}" $EXTRA
+          --eval-seeds "$EVAL_SEEDS" "${GEN[@]}" "${resume[@]}" $EXTRA || status=$?
+        if [ "$status" = 75 ]; then  # another sweep is running this cell (train.py's claim on --out)
+          echo "= $out is busy: another process is training it, skipped"
+          continue
+        elif [ "$status" != 0 ]; then
+          exit "$status"
+        fi
       fi
       evaluate "$out/best"  # a run trained earlier without its evaluation
     done

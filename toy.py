@@ -191,18 +191,25 @@ STAGES = {
 }
 
 
-def stages_to_make(args):
-    """[(run directory, train.py argv)] of the toy stages this command needs that are not made yet
-    (made = finished.json; an interrupted stage already holds a best/ of an earlier epoch, and is
-    resumed)."""
+def stages_needed(args):
+    """The run directories of the toy stages this command needs that are not made yet (made =
+    finished.json; an interrupted stage already holds a best/ of an earlier epoch, and is resumed)."""
     if args.preset != "toy" or args.mode != "kd":
         return []
     needed = {os.path.dirname(name) for name in (args.teacher, args.student)}
-    made = lambda out: os.path.isfile(os.path.join(out, "finished.json"))
-    return [(out, stage_argv(out, stage, args.data_dir)) for out, stage in STAGES.items()
-            if out in needed and not made(out)]
+    return [out for out in STAGES if out in needed and not made(out)]
 
 
-def stage_argv(out, stage, data_dir):
+def made(out):
+    return os.path.isfile(os.path.join(out, "finished.json"))
+
+
+def making_lock(out):
+    """The lock file that makes one process make a stage while the others wait (files.locked)."""
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.making.lock")
+
+
+def stage_argv(out, data_dir):
+    """The train.py command line that makes (or resumes) a stage."""
     resume = ["--resume"] if os.path.isfile(os.path.join(out, "last.pt")) else []
-    return ["--preset", "toy", *stage, "--out", out, "--data-dir", data_dir, "--eval-benchmarks", "", *resume]
+    return ["--preset", "toy", *STAGES[out], "--out", out, "--data-dir", data_dir, "--eval-benchmarks", "", *resume]

@@ -33,11 +33,11 @@ import config
 import data
 import distributed
 import evaluate
+import files
 import on_policy
 import plots
 import responses
 import toy
-from files import atomic_dir
 from losses import HPARAMS, ce_loss, distill_loss_chunked
 from model import GPT
 
@@ -110,18 +110,23 @@ def train_step(args, student, teacher, micro_batches, optimizer, lr, world_size,
 
 # --- The loop -------------------------------------------------------------------------------------
 
-def train(args, resume_command=None):
+def train(args, commands=("the same command", "the same command with --resume")):
     """One run: set-up, then optimizer steps in epochs (validation and best/ at each epoch's end,
-    last.pt after it), then loss.png, finished.json and the evaluation of best/."""
-    run = load_run(args)
-    state, out, per_process = run.state, Path(args.out), args.batch_size // run.world_size
-    steps_per_epoch = len(run.train_set) // args.batch_size
-    total_steps = steps_per_epoch * args.epochs
-    stop_at = min(total_steps, args.max_steps or total_steps)
-    progress = checkpoint.Progress(args, out, state, stop_at, run.is_main)  # the bar and log.jsonl
-    stop = checkpoint.StopOnSignal(run.world_size, run.device, resume_command)  # SIGTERM / Ctrl-C
-    save = lambda: checkpoint.save(out / "last.pt", args, state, run.student, run.optimizer, run.is_main)
-    try:
+    last.pt after it), then loss.png, finished.json and the evaluation of best/. A signal in any of
+    these stages finishes its unit of work, saves and stops (checkpoint.StopOnSignal); `commands`:
+    what continues the run before its first step, and after it."""
+    out = Path(args.out)
+    with contextlib.ExitStack() as held:
+        stop = held.enter_context(checkpoint.StopOnSignal(command=commands[0]))
+        run = load_run(args, stop)  # a signal while the teacher answers keeps the chunks made so far
+        held.enter_context(checkpoint.claim(out, args, run.is_main))  # --out is this run's: a second is refused
+        stop.command = commands[1]
+        state, per_process = run.state, args.batch_size // run.world_size
+        steps_per_epoch = len(run.train_set) // args.batch_size
+        total_steps = steps_per_epoch * args.epochs
+        stop_at = min(total_steps, args.max_steps or total_steps)
+        progress = checkpoint.Progress(args, out, state, stop_at, run.is_main)  # the bar and log.jsonl
+        save = lambda: checkpoint.save(out / "last.pt", args, state, run.student, run.optimizer, run.is_main, stop)
         while state["step"] < stop_at:
             epoch = state["epoch"]
             order = epoch_order(len(run.train_set), epoch, args.seed, run.rank, run.world_size)
@@ -151,10 +156,10 @@ def train(args, resume_command=None):
             if state["step"] % steps_per_epoch == 0 or state["step"] == stop_at:  # or --max-steps
                 validate_and_keep_best(args, run, state, progress)
             save()
-    finally:
-        stop.restore()
-    progress.close()
-    finish(args, run, state, stop, total_steps)
+            if stop.check():  # a signal during the validation
+                break
+        progress.close()
+        finish(args, run, state, stop, total_steps)
     return out
 
 
@@ -168,12 +173,12 @@ def validate_and_keep_best(args, run, state, progress):
                                           max_new_tokens=args.valid_max_new_tokens)
         val_loss = evaluate.validation_ce(model, encoded, run.tokenizer.pad_id)
         improved = rouge > state["best_rouge"]
+        if not math.isfinite(val_loss) or not all(bool(p.isfinite().all()) for p in model.parameters()):
+            raise SystemExit(f"error: step {state['step']}: the model's weights or outputs are not finite (validation "
+                             f"CE {val_loss}); best/ keeps the last finite one, if any (lower --lr?)")
         if improved:
-            if not all(bool(p.isfinite().all()) for p in model.parameters()):
-                raise SystemExit(f"error: step {state['step']}: the model's weights are not finite; best/ keeps "
-                                 "the last finite one (lower --lr?)")
             state["best_rouge"] = rouge
-            atomic_dir(os.path.join(args.out, "best"),
+            files.atomic_dir(os.path.join(args.out, "best"),
                        lambda tmp: (model.save_pretrained(tmp), run.tokenizer.save_pretrained(tmp)))
         progress.write({"epoch": state["epoch"], "step": state["step"], "val_rouge": rouge, "val_loss": val_loss,
                         "best": improved})
@@ -183,19 +188,20 @@ def validate_and_keep_best(args, run, state, progress):
 
 
 def finish(args, run, state, stop, total_steps):
-    """After the loop: loss.png; on a signal, the resume message and exit 130/143; else
-    finished.json (what sweep.sh skips) and the evaluation of best/."""
+    """After the loop: loss.png; on a signal, how to resume and exit 130/143; else finished.json (what
+    sweep.sh skips) and the evaluation of best/. A run resumed after its last step comes straight
+    here: it writes finished.json and evaluates, or continues the evaluation a signal stopped."""
     out = Path(args.out)
     if run.is_main:
         plots.loss_curves(out)
-    if stop.requested:
-        stop.exit(out, run.is_main)
+    if stop.check():
+        stop.exit(f"{out}/last.pt holds every finished step", run.is_main)
     if run.is_main:
         if state["step"] >= total_steps and (out / "best" / "config.json").is_file():
             (out / "finished.json").write_text(json.dumps({"step": state["step"], "best_rouge": state["best_rouge"]}))
         if args.eval_benchmarks and (out / "best").is_dir():
             evaluate.evaluate_checkpoint(out / "best", args.eval_benchmarks.split(","),
-                                         [int(s) for s in args.eval_seeds.split(",")], args.data_dir, run.device)
+                                         [int(s) for s in args.eval_seeds.split(",")], args.data_dir, run.device, stop)
     distributed.finish()
 
 
@@ -218,7 +224,7 @@ class Run:
     state: dict                # step, epoch, best_rouge: what last.pt resumes
 
 
-def load_run(args):
+def load_run(args, stop=None):
     """Everything a run trains with. The student is initialised from --seed on every process; the
     teacher is frozen; the training responses are fixed: by default the fine-tuned teacher's own
     answers to the training prompts, as in the paper, made by the first run and cached for all
@@ -239,6 +245,8 @@ def load_run(args):
         raise SystemExit(f"error: {len(records[: args.train_examples])} training examples do not fill one batch "
                          f"of {args.batch_size}")
     valid = data.load_split(args.valid_data, "valid", args.data_dir)[: args.valid_examples]
+    if not valid:  # a best/ chosen on nothing would be no choice at all
+        raise SystemExit(f"error: --valid-data {args.valid_data}: its valid split holds no examples")
     valid_set = data.encode_dataset(tokenizer, valid, args.max_prompt_len, args.max_len, where="valid")
     torch.manual_seed(args.seed)  # the same initialisation on every process
     student = load_model(args.student, torch.float32, device, tokenizer.vocab_size)
@@ -249,11 +257,12 @@ def load_run(args):
             raise SystemExit(f"error: teacher vocabulary ({teacher.cfg.vocab_size}) != student vocabulary "
                              f"({student.cfg.vocab_size}): incompatible models")
     if args.responses == "teacher":
-        where = responses.cache_dir(args.data_dir, args.data, args.teacher_fingerprint)
+        where = responses.cache_dir(args.data_dir, args.data, args.teacher_fingerprint,
+                                    str(teacher_dtype).removeprefix("torch."), args.max_prompt_len)
         provenance = {"teacher": args.teacher, "teacher_fingerprint": args.teacher_fingerprint,
                       "benchmark": args.data, "teacher_dtype": str(teacher_dtype).removeprefix("torch.")}
         records = responses.teacher_responses(teacher, tokenizer, records, args.train_examples, where, provenance,
-                                              args.max_prompt_len, rank, world_size)
+                                              args.max_prompt_len, rank, world_size, stop)
     train_set = data.encode_dataset(tokenizer, records[: args.train_examples], args.max_prompt_len, args.max_len,
                                     where="train")
     if len(train_set) < args.batch_size:
@@ -261,13 +270,8 @@ def load_run(args):
     student = distributed.Student(student.train(), args, device, world_size)  # .trained: what the loop calls
     optimizer = optimizer_for(student.trained, args.lr, args.weight_decay)
     state = {"step": 0, "epoch": 0, "best_rouge": -1.0}
-    if rank == 0:
-        checkpoint.clean_stale_files(out)
     if saved:
         state = checkpoint.restore(saved, out / "last.pt", student, optimizer)
-    elif rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
     on_gpu_bf16 = device.type == "cuda" and dtype != torch.float32
     autocast = functools.partial(torch.autocast, "cuda", dtype=dtype) if on_gpu_bf16 else contextlib.nullcontext
     return Run(rank, world_size, rank == 0, device, autocast, tokenizer, student, teacher, optimizer,
@@ -325,14 +329,17 @@ def micro_batches_of(examples, kd_examples, micro_batch_size, pad_id, device):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = config.parse_args(argv, description=__doc__)  # checked at the door, before any work
-    stages = toy.stages_to_make(args)  # --preset toy: its teacher and warm start, made once
-    if stages and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    rerun, resume = config.commands(argv, args)  # what continues this run if a signal stops it
+    if toy.stages_needed(args) and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise SystemExit("error: run `python train.py --preset toy` once in a single process to make the toy "
                          "teacher and student before using torchrun")
-    for out, stage_argv in stages:
-        print(f"{out}/best does not exist yet: making it first (python train.py {shlex.join(stage_argv)})")
-        train(config.parse_args(stage_argv), resume_command=shlex.join(["python", "train.py", *argv]))
-    train(args, resume_command=config.resume_command(argv, args))
+    for out in toy.stages_needed(args):  # --preset toy: its teacher and warm start, made once
+        with files.locked(toy.making_lock(out), on_wait=lambda: print(f"waiting: another process is making {out}")):
+            if not toy.made(out):  # else another process made it while this one waited
+                stage_argv = toy.stage_argv(out, args.data_dir)
+                print(f"{out}/best does not exist yet: making it first (python train.py {shlex.join(stage_argv)})")
+                train(config.parse_args(stage_argv), commands=(rerun, rerun))
+    train(args, commands=(rerun, resume))
     distributed.leave(args.device)  # a torchrun worker on CPU leaves here (distributed.py says why)
 
 

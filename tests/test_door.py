@@ -17,6 +17,7 @@ import responses
 import train
 from conftest import ROOT
 from test_evaluate import tiny_toy_model
+from model import GPT, GPTConfig
 from test_train import weights
 
 
@@ -47,6 +48,14 @@ def world(tmp_path_factory):
         (root / f"{name}.jsonl").write_text(text)
     latin1 = '{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1")
     (root / "latin1.jsonl").write_bytes(latin1)
+    (root / "empty.jsonl").write_text("\n")
+    for name, config in (("list-config", [1, 2]), ("llama-config", {"model_type": "mistral"})):
+        tiny_toy_model(root / name)
+        (root / name / "config.json").write_text(json.dumps(config))
+    wide = GPT(GPTConfig(vocab_size=300, n_positions=512, n_layer=1, n_head=2, n_embd=16, ffn_dim=32,
+                         bos_token_id=256, eos_token_id=256, pad_token_id=256))
+    wide.save_pretrained(str(root / "wide"))
+    data.byte_tokenizer().save_pretrained(str(root / "wide"))  # one tokenizer, a wider embedding
     (root / "resume/").mkdir()
     (root / "resume/last.pt").write_bytes(b"not a checkpoint")
     return root
@@ -130,7 +139,19 @@ CASES = [
     ("train", lambda w: train_argv(w, "--data", str(w / "bad-json.jsonl"), "--valid-data", "toy"),
      "bad-json.jsonl, line 2: malformed json"),
     ("train", lambda w: train_argv(w, "--data", str(w / "latin1.jsonl"), "--valid-data", "toy"),
-     "latin1.jsonl is not UTF-8"),
+     "latin1.jsonl, line 1 is not UTF-8"),
+    ("train", lambda w: train_argv(w, "--fsdp"), "--fsdp shards the student over torchrun's processes"),
+    ("train", lambda w: train_argv(w, "--valid-data", "toy-hard"), "toy-hard is a test set"),
+    ("train", lambda w: train_argv(w, "--max-prompt-len", "10"), "--max-prompt-len 10 cannot hold any prompt"),
+    ("train", lambda w: train_argv(w, "--data", str(w / "empty.jsonl"), "--valid-data", "toy"),
+     "empty.jsonl: the file holds no records"),
+    ("train", lambda w: train_argv(w, "--teacher", str(w / "list-config")), "config.json holds a JSON list"),
+    ("train", lambda w: train_argv(w, "--teacher", str(w / "llama-config")),
+     "llama-config: config.json's model_type 'mistral' is not one tempkd loads"),
+    ("evaluate", lambda w: [*toy_eval(w)[:-1], str(w / "empty.jsonl")], "empty.jsonl: the file holds no records"),
+    ("evaluate", lambda w: ["--model", str(w / "list-config"), "--benchmarks", "toy"], "holds a JSON list"),
+    ("analysis", lambda w: ["--teacher", str(w / "wide"), "--student", str(w / "teacher")],
+     "--teacher has 300 output ids, --student 257"),
     ("evaluate", lambda w: [*toy_eval(w), "--decode-temperature", "-1"], "--decode-temperature"),
     ("evaluate", lambda w: [*toy_eval(w), "--seeds", "1,1"], "--seeds repeats a seed"),
     ("evaluate", lambda w: ["--model", str(w / "teacher"), "--benchmarks", "nope"],
@@ -192,7 +213,12 @@ def test_bad_input_stops_at_the_door_with_one_line(entry, argv, names, world, tm
                                         (dict(RESPONSES="teachers"),
                                          "RESPONSES must be teacher or dataset"),
                                         (dict(STUDENT_GEN_RATIO="1.5"),
-                                         "STUDENT_GEN_RATIO must be a number in [0, 1]")])
+                                         "STUDENT_GEN_RATIO must be a number in [0, 1]"),
+                                        (dict(NPROC="two"), "NPROC must be a whole number >= 1"),
+                                        (dict(EVAL_SEEDS="10,x"), "EVAL_SEEDS must be comma-separated integers"),
+                                        (dict(EVAL_SEEDS="10,10"), "EVAL_SEEDS repeats a seed"),
+                                        (dict(BENCHMARKS="toy,nope"), "BENCHMARKS: unknown benchmark 'nope'"),
+                                        (dict(TAUS="1 inf"), "TAUS: 'inf' is not a number > 0")])
 def test_sweep_checks_its_settings_before_the_first_run_also_in_a_dry_run(env, names, tmp_path):
     env = {**os.environ, "DRY_RUN": "1", "PRESET": "toy", "RUNS": str(tmp_path / "runs"), **env}
     result = subprocess.run(["bash", os.path.join(ROOT, "sweep.sh")], env=env, capture_output=True, text=True,
@@ -226,7 +252,7 @@ def test_a_signal_finishes_the_step_writes_last_pt_and_the_resumed_run_equals_a_
         train.main(cut)
     assert stop.value.code == 128 + signum
     err = capsys.readouterr().err
-    assert "Resume with:" in err and "train.py" in err and "--resume" in err
+    assert "Continue with:" in err and "train.py" in err and "--resume" in err
     # step 5 was finished
     assert torch.load(tmp_path / "cut/last.pt", weights_only=True)["state"]["step"] == 5
     assert signal.getsignal(signum) is handler_before  # the handler is restored

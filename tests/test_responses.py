@@ -119,13 +119,22 @@ def test_a_cache_made_by_another_teacher_is_refused_in_one_line(tmp_path):
         train.main([*common, "--teacher", str(other), "--out", str(tmp_path / "b")])
     assert "\n" not in str(error.value)
     # the same teacher sampled in another dtype (responses.py --dtype bfloat16, the default on a
-    # GPU) answers differently: a float32 run refuses those responses
+    # GPU) answers differently
     shutil.rmtree(tmp_path / "data/responses")
     responses.main(["--teacher", str(teacher), "--benchmark", "toy", "--limit", "16",
                     "--data-dir", str(tmp_path / "data"), "--device", "cpu", "--dtype", "bfloat16"])
+    bf16 = only_cache(tmp_path / "data").parent
+    fp32 = bf16.parent / bf16.name.removesuffix("-bfloat16")
+    assert bf16.name.endswith("-bfloat16")  # the dtype is part of the cache's key: a folder of its own
+    train.main([*common, "--teacher", str(teacher), "--device", "cpu", "--dtype", "float32",
+                "--out", str(tmp_path / "c")])  # not refused: it makes and uses its own
+    assert (fp32 / "train.jsonl").is_file()
+    # bf16 responses copied where the float32 ones belong are still refused, by their provenance
+    shutil.rmtree(fp32)
+    shutil.copytree(bf16, fp32)
     with pytest.raises(SystemExit, match=r"they differ in teacher_dtype"):
         train.main([*common, "--teacher", str(teacher), "--device", "cpu", "--dtype", "float32",
-                    "--out", str(tmp_path / "c")])
+                    "--out", str(tmp_path / "d")])
 
 
 
@@ -146,7 +155,8 @@ def test_two_gloo_processes_make_one_file_equal_to_the_one_process_file(tmp_path
     two, one = only_cache(tmp_path / "two"), only_cache(tmp_path / "one")
     assert two.read_bytes() == one.read_bytes() and one.read_bytes().count(b"\n") == 128
     # no leftovers
-    assert sorted(p.name for p in two.parent.iterdir()) == ["provenance.json", "train.jsonl"]
+    # (.lock: the empty file the writer's lock is taken on; the lock itself is the kernel's)
+    assert sorted(p.name for p in two.parent.iterdir()) == [".lock", "provenance.json", "train.jsonl"]
     ddp, single = weights(tmp_path / "ddp"), weights(tmp_path / "single")
     assert all(torch.allclose(ddp[k], single[k], atol=1e-5) for k in single)
 
