@@ -14,9 +14,7 @@ import os
 import sys
 
 from hf_files import looks_local, weight_files
-from model import HF_NAMES
-
-MODEL_TYPES = tuple(HF_NAMES)  # the families model.py loads
+from model import config_from_hf
 
 
 BUSY = 75  # the exit status of a command refused because another process holds what it needs (EX_TEMPFAIL)
@@ -97,15 +95,14 @@ def checkpoint(flag, name):
             fail(f"{flag} {name}: no config.json in that directory")
         except (ValueError, UnicodeDecodeError) as e:
             fail(f"{flag} {name}: config.json is not valid JSON ({e})")
-        if not isinstance(config, dict):
-            fail(f"{flag} {name}: config.json holds a JSON {type(config).__name__}, not an object of settings")
-        if config.get("model_type") not in MODEL_TYPES:
-            fail(f"{flag} {name}: config.json's model_type {config.get('model_type')!r} is not one tempkd loads "
-                 f"({', '.join(MODEL_TYPES)})")
         try:
             weight_files(os.listdir(name), name)
         except FileNotFoundError as e:
             fail(f"{flag} {e}")
+        try:  # the whole config, as from_pretrained will read it: family, sizes, their types
+            config_from_hf(config)
+        except (ValueError, KeyError) as e:
+            fail(f"{flag} {name}: config.json {'lacks the field ' if isinstance(e, KeyError) else ''}{e}")
         return config.get("n_positions") or config.get("max_position_embeddings")
     if looks_local(name):
         fail(f"{flag} {name}: no such directory")

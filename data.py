@@ -349,8 +349,8 @@ def check_benchmark(flag, name, data_dir, split=None):
     if name not in known:
         checks.fail(f"{flag}: unknown benchmark {name!r}: choose from {', '.join(known)}, or give a .jsonl file")
     if name == "toy-hard" and split not in (None, "test"):
-        checks.fail(f"{flag} toy-hard: toy-hard is a test set, with no {split} split (model selection on it "
-                    "would be selection on the test set): use toy")
+        checks.fail(f"{flag} toy-hard: toy-hard is a test set only, with no {split} split (training or selecting a "
+                    "model on it would use the test set): use toy")
     path = os.path.join(data_dir, name, f"{split}.jsonl")
     if split and not name.startswith("toy") and not os.path.isfile(path):
         checks.fail(f"{flag} {name}: {path} is missing: run `python data.py prepare` first")

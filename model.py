@@ -45,6 +45,10 @@ class GPTConfig:
     pad_token_id: int = 50256
 
     def __post_init__(self):
+        for name in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd", "ffn_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
         if self.model_type not in HF_NAMES:
             raise ValueError(f"unknown model_type {self.model_type!r}: expected {sorted(HF_NAMES)}")
         if self.activation not in ACTIVATIONS:
@@ -218,8 +222,8 @@ class GPT(nn.Module):
         except (KeyError, json.JSONDecodeError) as e:
             bad = f"lacks the field {e}" if isinstance(e, KeyError) else f"is not valid JSON ({e})"
             raise ValueError(f"config.json in {directory} {bad}") from None
-        except ValueError as e:  # an unknown model_type, or JSON that is not an object
-            raise ValueError(f"config.json in {directory}: {e}") from None
+        except ValueError as e:  # an unknown model_type, a size that is no whole number, not an object
+            raise ValueError(f"config.json in {directory} {e}") from None
         with torch.device("meta"):  # no memory yet: each tensor is made once, in `dtype`, as read
             model = cls(cfg)
         shapes = {name: t.shape for name, t in model.state_dict().items()}
@@ -343,7 +347,7 @@ def _hf_names(cfg, name):
 def config_from_hf(hf):
     """A Hugging Face config.json (as a dict) -> GPTConfig."""
     if not isinstance(hf, dict):
-        raise ValueError(f"it holds a JSON {type(hf).__name__}, not an object of settings")
+        raise ValueError(f"holds a JSON {type(hf).__name__}, not an object of settings")
     kind = hf.get("model_type")
     if kind == "gpt2":
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
@@ -368,8 +372,7 @@ def config_from_hf(hf):
                          bos_token_id=hf.get("bos_token_id", 2),
                          eos_token_id=hf.get("eos_token_id", 2),
                          pad_token_id=hf.get("pad_token_id", 1))
-    raise ValueError(f"unknown model_type {kind!r} in config.json: tempkd loads 'gpt2' and 'opt' "
-                     "checkpoints")
+    raise ValueError(f"has model_type {kind!r}: tempkd loads {', '.join(map(repr, HF_NAMES))} checkpoints")
 
 
 def config_to_hf(cfg):

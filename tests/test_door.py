@@ -49,7 +49,9 @@ def world(tmp_path_factory):
     latin1 = '{"instruction": "caf\xe9", "output": "x"}\n'.encode("latin-1")
     (root / "latin1.jsonl").write_bytes(latin1)
     (root / "empty.jsonl").write_text("\n")
-    for name, config in (("list-config", [1, 2]), ("llama-config", {"model_type": "mistral"})):
+    for name, config in (("list-config", [1, 2]), ("llama-config", {"model_type": "mistral"}),
+                         ("string-size", {"model_type": "gpt2", "vocab_size": 257, "n_positions": 512,
+                                          "n_layer": "two", "n_head": 2, "n_embd": 16})):
         tiny_toy_model(root / name)
         (root / name / "config.json").write_text(json.dumps(config))
     wide = GPT(GPTConfig(vocab_size=300, n_positions=512, n_layer=1, n_head=2, n_embd=16, ffn_dim=32,
@@ -147,7 +149,9 @@ CASES = [
      "empty.jsonl: the file holds no records"),
     ("train", lambda w: train_argv(w, "--teacher", str(w / "list-config")), "config.json holds a JSON list"),
     ("train", lambda w: train_argv(w, "--teacher", str(w / "llama-config")),
-     "llama-config: config.json's model_type 'mistral' is not one tempkd loads"),
+     "llama-config: config.json has model_type 'mistral': tempkd loads"),
+    ("evaluate", lambda w: ["--model", str(w / "string-size"), "--benchmarks", "toy"],
+     "string-size: config.json n_layer must be a whole number >= 1, got 'two'"),
     ("evaluate", lambda w: [*toy_eval(w)[:-1], str(w / "empty.jsonl")], "empty.jsonl: the file holds no records"),
     ("evaluate", lambda w: ["--model", str(w / "list-config"), "--benchmarks", "toy"], "holds a JSON list"),
     ("analysis", lambda w: ["--teacher", str(w / "wide"), "--student", str(w / "teacher")],

@@ -222,8 +222,11 @@ def test_bad_checkpoints_give_one_clear_message(hf_model_dir, tmp_path):
         GPT.from_pretrained(path)
     path, _ = hf_model_dir("opt", safe=False)
     config = json.load(open(os.path.join(path, "config.json")))
-    json.dump({**config, "model_type": "llama"}, open(os.path.join(path, "config.json"), "w"))
-    with pytest.raises(ValueError, match="unknown model_type 'llama'"):
+    json.dump({**config, "model_type": "mamba"}, open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(ValueError, match=r"config.json in .*opt-\d+ has model_type 'mamba': tempkd loads"):
+        GPT.from_pretrained(path)
+    json.dump({**config, "num_hidden_layers": "two"}, open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(ValueError, match=r"config.json in .* n_layer must be a whole number >= 1, got 'two'"):
         GPT.from_pretrained(path)
     json.dump({**config, "ffn_dim": 64}, open(os.path.join(path, "config.json"), "w"))
     with pytest.raises(ValueError, match="shape mismatch"):
