@@ -26,7 +26,19 @@ PRESETS = {
     "toy": dict(teacher="runs/toy/teacher/best", student="runs/toy/student-init/best", data="toy", lr=1e-3,
                 epochs=1, batch_size=8, train_examples=1_200, valid_examples=100,
                 eval_benchmarks="toy,toy-hard", eval_seeds="10,20,30"),
+    # Beyond the paper: the families people distil today (docs/models.md), base models as torchtune pairs
+    # them. The teacher is first fine-tuned on Dolly (TEACHER_SFT below), as in the paper. lr as OPT's
+    # (5e-5): full fine-tuning of a 0.1-1B pretrained student; the rest is the paper's protocol.
+    "qwen2.5": dict(teacher="runs/qwen2.5/teacher/best", student="Qwen/Qwen2.5-0.5B", lr=5e-5),
+    "llama3.2": dict(teacher="runs/llama3.2/teacher/best", student="meta-llama/Llama-3.2-1B", lr=5e-5),
+    "smollm2": dict(teacher="runs/smollm2/teacher/best", student="HuggingFaceTB/SmolLM2-360M", lr=5e-5),
+    "qwen3": dict(teacher="runs/qwen3/teacher/best", student="Qwen/Qwen3-0.6B-Base", lr=5e-5),
 }
+# The base model each preset's teacher is fine-tuned from, on Dolly, before distillation:
+#   python train.py --preset <preset> --mode sft --student <base> --lr 5e-5 --epochs 10 --out runs/<preset>/teacher
+TEACHER_SFT = {"gpt2": "gpt2-xl", "opt": "facebook/opt-6.7b", "qwen2.5": "Qwen/Qwen2.5-1.5B",
+               "llama3.2": "meta-llama/Llama-3.2-3B", "smollm2": "HuggingFaceTB/SmolLM2-1.7B",
+               "qwen3": "Qwen/Qwen3-4B-Base"}
 # What a resumed run must share with the run that wrote its last.pt (the rest may change: --max-steps,
 # --save-every, logging, the device).
 RESUME_MUST_MATCH = ("mode", "loss", "tau", "kd_ratio", "tau_sq", *HPARAMS, "student_gen_ratio", "teacher",
@@ -142,7 +154,12 @@ def check_args(args):
     if args.mode == "kd":  # last: a hub model's tokenizer is downloaded for it
         checks.same_vocabulary(tokenizer_for(to_make.get(args.teacher, args.teacher)),
                                tokenizer_for(to_make.get(args.student, args.student)), args.teacher, args.student)
-    marker = len(tokenizer_for(to_make.get(args.student, args.student)).encode(data.RESPONSE_MARKER))
+    tokenizer = tokenizer_for(to_make.get(args.student, args.student))
+    for flag, name in (("--student", args.student), ("--teacher", args.teacher if args.mode == "kd" else None)):
+        width = checks.output_width(name) if name and not toy.is_scratch(name) else None
+        if width is not None and width < tokenizer.n_ids:  # wider is padding, cut off; narrower cannot be
+            checks.fail(f"{flag} {name} has {width} output ids, fewer than its tokenizer's {tokenizer.n_ids}")
+    marker = len(tokenizer.encode(data.RESPONSE_MARKER))
     if args.max_prompt_len <= marker:
         checks.fail(f"--max-prompt-len {args.max_prompt_len} cannot hold any prompt: the '### Response:' marker "
                     f"alone takes {marker} tokens")
@@ -210,6 +227,11 @@ def check_models(args):
             if name.startswith("scratch:") and not re.fullmatch(r"scratch:[1-9]\d*x[1-9]\d*", name):
                 checks.fail(f"{flag} {name}: write a from-scratch size as scratch:<layers>x<width>, e.g. scratch:4x128")
             positions = toy.SCRATCH_POSITIONS
+        elif flag == "--teacher" and name == PRESETS[args.preset].get("teacher") and not os.path.exists(name) \
+                and args.preset in TEACHER_SFT:
+            checks.fail(f"--teacher {name} does not exist yet: fine-tune the teacher first (python train.py --preset "
+                        f"{args.preset} --mode sft --student {TEACHER_SFT[args.preset]} --lr 5e-5 --epochs 10 --out "
+                        f"{os.path.dirname(name)})")
         else:
             positions = checks.checkpoint(flag, name)
         if positions and args.max_len > positions:

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -49,26 +50,37 @@ def build_prompt(instruction, input=""):
 
 
 class Tokenizer:
-    """encode(text) -> ids, decode(ids) -> text, eos_id, pad_id, vocab_size.
+    """encode(text) -> ids, decode(ids) -> text, eos_id, pad_id, bos_id, vocab_size.
 
-    tiktoken returns BPE *ranks*; GPT-2's ids are those ranks, OPT numbers the same tokens
-    differently, so an optional table maps ranks to model ids and back. No BOS is added (METHOD.md
-    section 4)."""
+    tiktoken returns BPE *ranks*; GPT-2's ids are those ranks, OPT, SmolLM2 and Qwen number the same
+    tokens differently, so an optional table maps ranks to model ids and back. encode() adds no BOS:
+    `bos_id` is the tokenizer's own convention (Llama 3 prepends <|begin_of_text|>; GPT-2, OPT as the
+    paper trains it, Qwen and SmolLM2 none), applied by encode_example to every sequence."""
 
-    def __init__(self, encoding, eos_id, vocab_size, rank_to_id=None, source=None, byte_level=False):
+    def __init__(self, encoding, eos_id, vocab_size, rank_to_id=None, source=None, byte_level=False, bos_id=None,
+                 nfc=False, merged_only=None, files=("vocab.json", "merges.txt")):
         self.encoding, self.vocab_size = encoding, vocab_size
-        self.eos_id = self.pad_id = eos_id  # GPT-2 and OPT pad with EOS
+        self.eos_id = self.pad_id = eos_id  # padded with EOS, as GPT-2 and OPT are
+        self.bos_id = bos_id
+        self.nfc = nfc  # Qwen's normaliser: NFC before splitting (tiktoken applies none)
         # every token is one byte (the toy's tokenizer): ~4x a BPE token's count
         self.byte_level = byte_level
-        # the directory holding vocab.json + merges.txt (None: the byte tokenizer)
-        self.source = source
+        # the directory holding the tokenizer's files (None: the byte tokenizer), and which to copy
+        self.source, self.files = source, files
+        # {rank: its merge-made ranks}: tokens tiktoken finds by looking a whole piece up in the
+        # vocabulary, which a tokenizer that always applies its merges (Qwen, SmolLM2) spells otherwise
+        self.merged_only = merged_only or {}
         self.rank_to_id = rank_to_id  # np.ndarray or None (identity)
         if rank_to_id is not None:
             self.id_to_rank = np.full(max(vocab_size, int(rank_to_id.max()) + 1), -1, dtype=np.int64)
             self.id_to_rank[rank_to_id] = np.arange(len(rank_to_id))
 
     def encode(self, text):
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
         ranks = self.encoding.encode(text, allowed_special="all")
+        if self.merged_only:
+            ranks = [r for rank in ranks for r in self.merged_only.get(rank, (rank,))]
         return ranks if self.rank_to_id is None else self.rank_to_id[ranks].tolist()
 
     def decode(self, ids):
@@ -78,6 +90,13 @@ class Tokenizer:
             ranks = self.id_to_rank[[i for i in ids if 0 <= i < len(self.id_to_rank)]]
             ids = ranks[ranks >= 0].tolist()
         return self.encoding.decode([i for i in ids if 0 <= i < self.encoding.n_vocab], errors="replace")
+
+    @property
+    def n_ids(self):
+        """Ids 0 .. n_ids - 1 cover every token: an embedding's rows beyond are padding (OPT, Qwen)."""
+        if self.rank_to_id is None:
+            return self.encoding.n_vocab
+        return int(self.rank_to_id.max()) + 1
 
     def token_mask(self, n_ids):
         """(n_ids,) bool: which of a model's output ids stand for a token. Embeddings are often wider
@@ -106,7 +125,7 @@ class Tokenizer:
         """Write vocab.json + merges.txt next to a checkpoint, so it carries its own tokenizer."""
         os.makedirs(directory, exist_ok=True)
         if self.source is not None:
-            for f in ("vocab.json", "merges.txt"):
+            for f in self.files:
                 source, target = os.path.join(self.source, f), os.path.join(directory, f)
                 if os.path.abspath(source) != os.path.abspath(target):
                     shutil.copyfile(source, target)
@@ -136,52 +155,141 @@ def _bytes_to_unicode():
 
 
 def load_tokenizer(name_or_path):
-    """"toy" -> the byte tokenizer; otherwise a directory or hub id holding GPT-2-style vocab.json +
-    merges.txt."""
+    """"toy" -> the byte tokenizer; otherwise a directory or hub id holding tokenizer.json (Llama 3,
+    Qwen, SmolLM2) or GPT-2-style vocab.json + merges.txt (GPT-2, OPT, a toy checkpoint)."""
     if name_or_path in ("toy", "bytes"):
         return byte_tokenizer()
-    tokenizer_files = ["vocab.json", "merges.txt", "config.json"]
-    directory = resolve_checkpoint(name_or_path,
-                                   lambda files: [f for f in tokenizer_files if f in files])
-    for f in tokenizer_files[:2]:
-        if not os.path.isfile(os.path.join(directory, f)):
-            raise FileNotFoundError(f"tokenizer file {f} missing in {directory} (GPT-2/OPT "
-                                    "checkpoints ship it)")
-    vocab = json.loads(Path(directory, "vocab.json").read_text(encoding="utf-8"))
-    merges = Path(directory, "merges.txt").read_text(encoding="utf-8").split("\n")
-    char_of = _bytes_to_unicode()
-    byte_of = {c: b for b, c in char_of.items()}
-    to_bytes = lambda token: bytes(byte_of[c] for c in token)
-    # Ranks = merge priority: the 256 single bytes (ordered as the vocabulary orders them), then
-    # each merge's result in merges.txt order. For GPT-2 this reproduces its ids exactly.
-    singles = sorted(char_of.items(), key=lambda bc: vocab[bc[1]])
-    ranks = {bytes([b]): r for r, (b, _) in enumerate(singles)}
-    rank_to_token = [c for _, c in singles]
-    for line in merges:
-        if line and not line.startswith("#version"):
-            left, right = line.split(" ")
-            merged = to_bytes(left + right)
-            if merged not in ranks:
-                if left + right not in vocab:
-                    raise ValueError(f"merges.txt merge {line!r} produces a token missing from vocab.json")
-                ranks[merged] = len(ranks)
-                rank_to_token.append(left + right)
-    # Special tokens: vocabulary entries like <|endoftext|> or </s> that no merge produces
-    specials = [t for t in vocab if t.startswith("<") and t.endswith(">") and len(t) > 2
-                and (any(c not in byte_of for c in t) or to_bytes(t) not in ranks)]
-    special_ranks = {t: len(ranks) + i for i, t in enumerate(specials)}
-    rank_to_id = np.array([vocab[t] for t in rank_to_token + specials], dtype=np.int64)
+    wanted = ["tokenizer.json", "vocab.json", "merges.txt", "config.json", "tokenizer_config.json"]
+    directory = resolve_checkpoint(name_or_path, lambda files: [f for f in wanted if f in files])
     config_path = Path(directory, "config.json")
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if Path(directory, "tokenizer.json").is_file() and not Path(directory, "merges.txt").is_file() or \
+            config.get("model_type") in ("llama", "qwen2", "qwen3"):
+        return _from_tokenizer_json(directory, config)
+    for f in ("vocab.json", "merges.txt"):
+        if not os.path.isfile(os.path.join(directory, f)):
+            raise FileNotFoundError(f"tokenizer file {f} missing in {directory} (GPT-2/OPT checkpoints ship it)")
+    vocab = json.loads(Path(directory, "vocab.json").read_text(encoding="utf-8"))
+    merges = [line.split(" ") for line in Path(directory, "merges.txt").read_text(encoding="utf-8").split("\n")
+              if line and not line.startswith("#version")]
+    ranks, rank_to_token = _ranks(vocab, merges, "merges.txt")
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    # Special tokens: vocabulary entries like <|endoftext|> or </s> that no merge produces
+    specials = [t for t in vocab if t.startswith("<") and t.endswith(">") and len(t) > 2
+                and (any(c not in byte_of for c in t) or bytes(byte_of[c] for c in t) not in ranks)]
+    special_ranks = {t: len(ranks) + i for i, t in enumerate(specials)}
+    rank_to_id = np.array([vocab[t] for t in rank_to_token + specials], dtype=np.int64)
     eos_id = config.get("eos_token_id", vocab.get("<|endoftext|>", vocab.get("</s>")))
-    encoding = tiktoken.Encoding(f"tempkd-{os.path.basename(os.path.normpath(directory))}",
-                                 pat_str=GPT2_PATTERN,
+    encoding = tiktoken.Encoding(f"tempkd-{os.path.basename(os.path.normpath(directory))}", pat_str=GPT2_PATTERN,
                                  mergeable_ranks=ranks, special_tokens=special_ranks)
     identity = bool((rank_to_id == np.arange(len(rank_to_id))).all())
     vocab_size = max(config.get("vocab_size", 0), max(vocab.values()) + 1)
     byte_level = len(ranks) == 256  # no merges: the byte tokenizer saved next to a toy checkpoint
-    return Tokenizer(encoding, eos_id, vocab_size, None if identity else rank_to_id,
-                     source=directory, byte_level=byte_level)
+    return Tokenizer(encoding, eos_id, vocab_size, None if identity else rank_to_id, source=directory,
+                     byte_level=byte_level)
+
+
+def _ranks(vocab, merges, where):
+    """tiktoken's ranks = merge priority: the 256 single bytes (ordered as the vocabulary orders them),
+    then each merge's result in merge order. For GPT-2 this reproduces its ids exactly. Returns
+    ({token bytes: rank}, [the vocabulary's token string of each rank])."""
+    char_of = _bytes_to_unicode()
+    byte_of = {c: b for b, c in char_of.items()}
+    singles = sorted(char_of.items(), key=lambda bc: vocab[bc[1]])
+    ranks = {bytes([b]): r for r, (b, _) in enumerate(singles)}
+    rank_to_token = [c for _, c in singles]
+    for left, right in merges:
+        merged = bytes(byte_of[c] for c in left + right)
+        if merged not in ranks:
+            if left + right not in vocab:
+                raise ValueError(f"{where}: the merge {left!r} {right!r} makes a token missing from the vocabulary")
+            ranks[merged] = len(ranks)
+            rank_to_token.append(left + right)
+    return ranks, rank_to_token
+
+
+# Pre-tokenizers that tiktoken's one regex can stand for: GPT-2's byte-level regex, a Split regex
+# before a byte-level mapping (Llama 3: digits in threes; Qwen: single digits), or SmolLM2's single
+# digits before GPT-2's regex (the digits rule first, GPT-2's own digit rule dropped)
+_DIGIT_RUNS = r" ?\p{N}+|"
+
+
+def _pattern(pre, where):
+    kind = (pre or {}).get("type")
+    parts = pre.get("pretokenizers", []) if kind == "Sequence" else [pre] if pre else []
+    kinds = [p["type"] for p in parts]
+    if any(p.get("add_prefix_space") for p in parts if p["type"] == "ByteLevel"):
+        raise ValueError(f"{where}: a byte-level pre-tokenizer with add_prefix_space cannot be represented")
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return GPT2_PATTERN
+    if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True) and "Regex" in parts[0]["pattern"] \
+            and parts[0].get("behavior") == "Isolated" and not parts[0].get("invert"):
+        return parts[0]["pattern"]["Regex"]
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+        return r"\p{N}|" + GPT2_PATTERN.replace(_DIGIT_RUNS, "")
+    raise ValueError(f"{where}: the pre-tokenizer {json.dumps(pre)[:200]} cannot be represented by tiktoken")
+
+
+def _from_tokenizer_json(directory, config):
+    """A BPE tokenizer.json (Llama 3, Qwen2/2.5/3, SmolLM2) -> Tokenizer: its split pattern, its NFC
+    normaliser, its added tokens with their ids, its BOS convention (a post-processor that prepends
+    one), and the family's EOS from config.json."""
+    where = os.path.join(directory, "tokenizer.json")
+    spec = json.loads(Path(where).read_text(encoding="utf-8"))
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("dropout"):
+        raise ValueError(f"{where}: only byte-level BPE without byte fallback or dropout can be represented")
+    normalizer = spec.get("normalizer")
+    names = [n["type"] for n in normalizer.get("normalizers", [])] if normalizer and \
+        normalizer["type"] == "Sequence" else [normalizer["type"]] if normalizer else []
+    if names not in ([], ["NFC"]):
+        raise ValueError(f"{where}: the normalizer {names} cannot be represented (NFC or none)")
+    vocab = model["vocab"]
+    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]  # "a b", or newer ["a", "b"]
+    ranks, rank_to_token = _ranks(vocab, merges, where)
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    for token in vocab:  # in the vocabulary, made by no merge: found only as a whole piece
+        if token not in added and bytes(byte_of[c] for c in token) not in ranks:
+            ranks[bytes(byte_of[c] for c in token)] = len(ranks)
+            rank_to_token.append(token)
+    special_ranks = {t: len(ranks) + i for i, t in enumerate(added)}
+    ids = {**vocab, **added}
+    rank_to_id = np.array([ids[t] for t in rank_to_token + list(added)], dtype=np.int64)
+    encoding = tiktoken.Encoding(f"tempkd-{os.path.basename(os.path.normpath(directory))}",
+                                 pat_str=_pattern(spec.get("pre_tokenizer"), where), mergeable_ranks=ranks,
+                                 special_tokens=special_ranks)
+    merged_only = {}
+    if not model.get("ignore_merges"):  # the tokenizer always applies its merge rules: tiktoken may spell
+        rules = {(bytes(byte_of[c] for c in left), bytes(byte_of[c] for c in right)): i  # otherwise
+                 for i, (left, right) in enumerate(merges)}
+        for token, rank in ranks.items():
+            if rank >= 256 and (spelled := _bpe(token, rules, ranks)) != [rank]:
+                merged_only[rank] = spelled
+    bos = [step["SpecialToken"]["id"] for step in (spec.get("post_processor") or {}).get("single", [])[:1]
+           if "SpecialToken" in step]
+    eos = config.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    vocab_size = max(config.get("vocab_size", 0), max(ids.values()) + 1)
+    return Tokenizer(encoding, eos if eos is not None else added.get("<|endoftext|>"), vocab_size, rank_to_id,
+                     source=directory, bos_id=ids[bos[0]] if bos else None, nfc=names == ["NFC"],
+                     merged_only=merged_only, files=("tokenizer.json",) + tuple(
+                         f for f in ("vocab.json", "merges.txt", "tokenizer_config.json")
+                         if Path(directory, f).is_file()))
+
+
+def _bpe(piece, rules, ranks):
+    """Byte-pair encoding of one piece as tokenizers does it: the adjacent pair with the earliest merge
+    rule merges first, and only pairs that have a rule. (tiktoken merges any pair whose join is a token,
+    by the join's rank, and looks the whole piece up first: the same spelling for a vocabulary made by
+    tiktoken, as Llama 3's, not always for one made by merge rules, as Qwen's and SmolLM2's.)"""
+    parts = [bytes([b]) for b in piece]
+    while len(parts) > 1:
+        rank, i = min((rules.get((a, b), len(rules)), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+        if rank == len(rules):
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return [ranks[p] for p in parts]
 
 
 # ==================================================================================================
@@ -370,17 +478,19 @@ def check_benchmarks(flag, text, data_dir, split="test"):
 
 def encode_example(tokenizer, prompt, response=None, max_prompt_len=256, max_len=512):
     """Tokenize one example. Returns (prompt_ids, response_ids) with EOS ending the response, or
-    None when the prompt cannot fit. A long prompt is cut before the "### Response:" marker, never
-    the marker itself; the response is cut so that prompt + response <= max_len."""
-    prompt_ids = tokenizer.encode(prompt)
+    None when the prompt cannot fit. The prompt starts with the tokenizer's BOS where it has one
+    (Llama 3). A long prompt is cut before the "### Response:" marker, never the marker itself; the
+    response is cut so that prompt + response <= max_len."""
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    prompt_ids = bos + tokenizer.encode(prompt)
     if len(prompt_ids) > max_prompt_len:
         marker = tokenizer.encode(RESPONSE_MARKER)
         body = []
         if prompt.endswith(RESPONSE_MARKER):
             body = tokenizer.encode(prompt[: len(prompt) - len(RESPONSE_MARKER)])
-        if not body or len(marker) >= max_prompt_len:
+        if not body or len(bos) + len(marker) >= max_prompt_len:
             return None
-        prompt_ids = body[: max_prompt_len - len(marker)] + marker
+        prompt_ids = bos + body[: max_prompt_len - len(bos) - len(marker)] + marker
     if response is None:
         return prompt_ids, []
     response_ids = (tokenizer.encode(response) + [tokenizer.eos_id])[: max_len - len(prompt_ids)]

@@ -22,6 +22,10 @@ def resolve_checkpoint(name_or_path, pick, repo_type="model"):
     try:
         info = huggingface_hub.repo_info(name_or_path, repo_type=repo_type)
     except Exception as e:  # offline, unknown repo, ...: one line, not a deep HTTP traceback
+        if type(e).__name__ == "GatedRepoError" or " 401 " in f" {e} ":
+            raise FileNotFoundError(f"{name_or_path!r} is a gated repository (401): accept its license on "
+                                    f"https://huggingface.co/{name_or_path}, then log in (`hf auth login`, or set "
+                                    "HF_TOKEN)") from e
         raise FileNotFoundError(f"{name_or_path!r} is neither a local directory nor a reachable "
                                 f"hub {repo_type} ({type(e).__name__}: {e})") from e
     to_download = pick([s.rfilename for s in info.siblings])

@@ -44,13 +44,15 @@ from model import GPT
 
 # --- One optimizer step ---------------------------------------------------------------------------
 
-def loss_step(args, student, teacher, batch, kd_batch, autocast):
+def loss_step(args, student, teacher, batch, kd_batch, autocast, n_ids):
     """One micro-batch -> (ce, kd), each summed over its response tokens: the student's next-token
     cross-entropy on the batch's fixed responses, and its KD loss against the frozen teacher (None in
     SFT). Each batch is (input_ids, attention_mask, labels), labels -100 outside the response.
 
     KD is taken on `kd_batch`: the batch itself in the paper's off-policy step, or on an on-policy
-    step the student's own responses to the same prompts (on_policy.py)."""
+    step the student's own responses to the same prompts (on_policy.py). It compares the two
+    distributions over the tokenizer's n_ids ids: an embedding's rows beyond them are padding, and
+    teacher and student may have different numbers of them (METHOD.md section 4)."""
     input_ids, attention_mask, labels = batch
     ce_trains = teacher is None or args.kd_ratio < 1  # SFT, or the mix: else CE is only logged
     with autocast(), torch.set_grad_enabled(ce_trains or kd_batch is batch):
@@ -67,12 +69,13 @@ def loss_step(args, student, teacher, batch, kd_batch, autocast):
     # losses.distill_loss_chunked = losses.distill_loss (read that one: tau, the objective, the mean),
     # the same value and gradient computed in chunks to hold fewer (B, T, V) float32 tensors
     hparams = {k: getattr(args, k) for k in HPARAMS}  # None: the objective's default
-    kd = distill_loss_chunked(args.loss, student_logits, teacher_logits, labels, tau=args.tau,
+    cut = lambda logits: logits if logits.shape[-1] == n_ids else logits[..., :n_ids]  # padding rows off
+    kd = distill_loss_chunked(args.loss, cut(student_logits), cut(teacher_logits), labels, tau=args.tau,
                               tau_sq=args.tau_sq, reduction="sum", **hparams)
     return ce, kd
 
 
-def train_step(args, student, teacher, micro_batches, optimizer, lr, world_size, autocast):
+def train_step(args, student, teacher, micro_batches, optimizer, lr, world_size, autocast, n_ids):
     """Forward and backward every micro-batch of this process, then one clipped AdamW step.
 
     Each loss of a step is the token mean over the whole global batch: each micro-batch's *sum* is
@@ -85,7 +88,7 @@ def train_step(args, student, teacher, micro_batches, optimizer, lr, world_size,
     for i, (batch, kd_batch) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with distributed.gradient_sync(student, last or world_size == 1):  # one all-reduce, after the last
-            ce, kd = loss_step(args, student, teacher, batch, kd_batch, autocast)
+            ce, kd = loss_step(args, student, teacher, batch, kd_batch, autocast, n_ids)
             if kd is None:  # SFT
                 loss = ce / n_ce.clamp(min=1)
             else:  # the mix (kd_ratio = 1: pure distillation)
@@ -139,7 +142,7 @@ def train(args, commands=("the same command", "the same command with --resume"))
                                                  run.tokenizer.pad_id, run.device)
                 lr = cosine_lr(state["step"], total_steps, args.lr, args.min_lr)
                 stats = train_step(args, run.student.trained, run.teacher, micro_batches, run.optimizer, lr,
-                                   run.world_size, run.autocast)
+                                   run.world_size, run.autocast, run.tokenizer.n_ids)
                 if args.student_gen_ratio:
                     stats.update(on_policy.stats(examples, kd_examples, state))
                 state["step"] += 1
@@ -253,9 +256,6 @@ def load_run(args, stop=None):
     teacher = None
     if args.mode == "kd":
         teacher = load_model(args.teacher, teacher_dtype, device, tokenizer.vocab_size).eval().requires_grad_(False)
-        if teacher.cfg.vocab_size != student.cfg.vocab_size:
-            raise SystemExit(f"error: teacher vocabulary ({teacher.cfg.vocab_size}) != student vocabulary "
-                             f"({student.cfg.vocab_size}): incompatible models")
     if args.responses == "teacher":
         where = responses.cache_dir(args.data_dir, args.data, args.teacher_fingerprint,
                                     str(teacher_dtype).removeprefix("torch."), args.max_prompt_len)
@@ -288,7 +288,7 @@ def load_model(name, dtype, device, vocab_size=257):
 def optimizer_for(model, lr, weight_decay):
     """AdamW with weight decay, except on biases and layer norms. (Chosen by name, not by shape:
     FSDP shows parameters as flat shards.)"""
-    no_decay = lambda name: name.endswith(".bias") or ".ln_" in name or "ln_f." in name
+    no_decay = lambda name: name.endswith(".bias") or ".ln_" in name or "ln_f." in name or "_norm." in name  # q/k norms
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in params if not no_decay(n)], "weight_decay": weight_decay},
               {"params": [p for n, p in params if no_decay(n)], "weight_decay": 0.0}]

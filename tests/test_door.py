@@ -209,7 +209,7 @@ def test_bad_input_stops_at_the_door_with_one_line(entry, argv, names, world, tm
     assert not (world / "never").exists(), "nothing is written for a refused command"
 
 
-@pytest.mark.parametrize("env, names", [(dict(PRESET="nope"), "PRESET must be gpt2, opt or toy"),
+@pytest.mark.parametrize("env, names", [(dict(PRESET="nope"), "PRESET must be gpt2, opt, toy, qwen2.5"),
                                         (dict(LOSSES="fkl kl"), "LOSSES: unknown objective 'kl'"),
                                         (dict(TAUS="1 0"), "TAUS: '0' is not a number > 0"),
                                         (dict(TAUS="1 x"), "TAUS: 'x' is not a number > 0"),
