@@ -10,10 +10,11 @@ import threading
 from urllib.parse import unquote, urlparse
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
+GATED = "gated"  # a repos value: the repository asks for a login and an accepted license
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    repos = {}  # ("model" | "dataset", "owner/name") -> local folder
+    repos = {}  # ("model" | "dataset", "owner/name") -> local folder, or GATED (answers 401, as the hub does)
     requests = []
 
     def log_message(self, *args):
@@ -40,6 +41,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _answer(self, head):
         path = unquote(urlparse(self.path).path)
         type(self).requests.append((self.command, path))
+        if any(folder == GATED and repo in path for (_, repo), folder in self.repos.items()):
+            return self._send(401, b'{"error": "Access to this model is restricted"}',
+                              {"X-Error-Code": "GatedRepo", "X-Error-Message": "gated"}, head)
         if path.startswith("/api/"):  # /api/models/o/n[/revision/main] -> info with the file list
             kind, _, rest = path.removeprefix("/api/").partition("/")
             repo = "/".join(rest.split("/")[:2])

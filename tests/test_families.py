@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model import GPT
-from test_model import padded_batch
+from test_model import padded_batch, sharpened_with_left_padded_prompts
 
 LLAMA3_SCALING = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
@@ -79,13 +79,7 @@ def test_logits_match_transformers_under_padding(family_dir, name):
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_greedy_generation_and_the_kv_cache_match(family_dir, name):
     path, hf = family_dir(name)
-    with torch.no_grad():  # sharpen the random model so greedy decoding does not repeat one token
-        hf.get_input_embeddings().weight.mul_(8)
-    hf.save_pretrained(path)
-    ours = GPT.from_pretrained(path)
-    ids, mask = padded_batch(1)
-    mask[2] = 1
-    mask[2, :3] = 0  # generation takes left-padded prompts only
+    ours, ids, mask = sharpened_with_left_padded_prompts(hf, path)
     ref = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=2,
                       eos_token_id=2)[:, ids.shape[1]:]  # (a finished row is padded with EOS, as ours pads it)
     out = ours.generate(ids, mask, max_new_tokens=10, temperature=0, eos_token_id=2)

@@ -62,20 +62,24 @@ def test_logits_match_transformers_on_padded_batch(hf_model_dir, kind, layout, o
         assert torch.allclose(logits[row][real[row]], alone, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "opt"])
-def test_greedy_generate_matches_transformers(hf_model_dir, kind):
-    path, hf = hf_model_dir(kind)
-    # sharpen the random model so greedy decoding does not just repeat one token
+def sharpened_with_left_padded_prompts(hf, path):
+    """The transformers model sharpened (so greedy decoding does not just repeat one token) and saved
+    again, ours loaded from it, and a batch of left-padded prompts (generation takes no other)."""
     with torch.no_grad():
         hf.get_input_embeddings().weight.mul_(8)
     hf.save_pretrained(path)
-    ours = GPT.from_pretrained(path)
     ids, mask = padded_batch(1)
     mask[2] = 1
-    mask[2, :3] = 0  # generation takes left-padded prompts only
+    mask[2, :3] = 0
+    return GPT.from_pretrained(path), ids, mask
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "opt"])
+def test_greedy_generate_matches_transformers(hf_model_dir, kind):
+    path, hf = hf_model_dir(kind)
+    ours, ids, mask = sharpened_with_left_padded_prompts(hf, path)
     eos = hf.config.eos_token_id
-    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                      pad_token_id=eos,
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=eos,
                       eos_token_id=eos)[:, ids.shape[1]:]
     out = ours.generate(ids, mask, max_new_tokens=10, temperature=0, eos_token_id=eos)
     assert len(set(out.flatten().tolist())) > 2, "degenerate test: the model only repeats itself"
