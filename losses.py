@@ -315,3 +315,78 @@ class _ChunkedSum(torch.autograd.Function):
             limit = torch.finfo(ctx.dtype).max
             grad = grad.clamp_(-limit, limit).to(ctx.dtype)
         return grad, None, None, None, None, None, None
+
+
+# ==================================================================================================
+# Memory optimisation, further: the output head fused into the loss (issue #23; not yet what train.py runs)
+#
+# With 128k-152k-token vocabularies the logits, not the weights, decide what fits. fused_distill_loss
+# takes the models' last hidden states and head weights instead of logits: it makes each chunk's logits
+# (the student's and the teacher's), applies tau and the objective, and turns the chunk's gradient into
+# the gradient of the student's hidden states and head weight at once. No (B, T, V) tensor exists.
+
+
+def fused_distill_loss(name, student_hidden, student_head, teacher_hidden, teacher_head, labels, tau=1.0,
+                       n_ids=None, kd_weight=1.0, ce_weight=0.0, tau_sq=False, chunk_size=None, **hparams):
+    """kd_weight * sum KD + ce_weight * sum CE over the response tokens, from hidden states (B, T, H)
+    and head weights (V, H) of any float dtype; the logits are made chunk by chunk, cut to the
+    tokenizer's n_ids ids (None: all), in float32. Returns (loss, kd_sum, ce_sum), the last two
+    detached, for the log. Same value and gradient as distill_loss on the full logits (tested); the
+    teacher's side needs no gradient."""
+    hparams = {k: v for k, v in hparams.items() if v is not None}
+    check_objective(name, tau, **hparams)
+    n_ids = n_ids or student_head.shape[0]
+    rows = (labels.reshape(-1) != -100).nonzero()[:, 0]
+    chunk_size = chunk_size or max(1, 2**21 // n_ids)  # ~8 MB of float32 per (chunk, V) temporary
+    per_token = lambda log_p, log_q, target: LOSSES[name](log_p, log_q, target, **hparams)
+    loss, kd, ce = _FusedHead.apply(student_hidden, student_head, teacher_hidden.detach(), teacher_head.detach(),
+                                    labels.reshape(-1), rows, per_token, tau, n_ids, kd_weight * (tau**2 if tau_sq else 1),
+                                    ce_weight, chunk_size)
+    return loss, kd * (tau**2 if tau_sq else 1), ce
+
+
+class _FusedHead(torch.autograd.Function):
+    """The loss, with its gradient w.r.t. the student's hidden states and head weight computed in
+    forward, chunk by chunk of response rows."""
+
+    @staticmethod
+    def forward(ctx, hidden, head, teacher_hidden, teacher_head, targets, rows, per_token, tau, n_ids, kd_weight,
+                ce_weight, chunk_size):
+        H = hidden.shape[-1]
+        flat, teacher_flat = hidden.detach().reshape(-1, H), teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+        weight, teacher_weight = head.detach()[:n_ids], teacher_head[:n_ids]
+        want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device) if want else None
+        grad_head = torch.zeros(head.shape, dtype=torch.float32, device=head.device) if want else None
+        sums = torch.zeros(2, dtype=torch.float32, device=flat.device)  # KD, CE
+        for start in range(0, len(rows), chunk_size):
+            idx = rows[start:start + chunk_size]
+            h = flat[idx]
+            with torch.enable_grad():
+                z = (h @ weight.t()).float().requires_grad_(want)  # (n, V) the student's logits of this chunk
+                log_q = log_probs(z, tau)
+                kd = per_token(log_probs((teacher_flat[idx] @ teacher_weight.t()).float(), tau), log_q,
+                               targets[idx]).sum() if kd_weight else z.new_zeros(())
+                ce_value = ce(None, log_probs(z, 1.0), targets[idx]).sum() if ce_weight else z.new_zeros(())
+                value = kd_weight * kd + ce_weight * ce_value
+            if want:
+                g = torch.autograd.grad(value, z)[0]                           # (n, V) float32
+                grad_hidden[idx] = g @ weight.float()                           # (n, H)
+                grad_head[:n_ids] += g.t() @ h.float()                          # (V, H)
+            sums += torch.stack([kd.detach(), ce_value.detach()])
+        ctx.grads, ctx.dtypes = (grad_hidden, grad_head), (hidden.dtype, head.dtype)
+        ctx.shape = hidden.shape
+        loss = kd_weight * sums[0] + ce_weight * sums[1]
+        kd_sum, ce_sum = sums[0].clone(), sums[1].clone()
+        ctx.mark_non_differentiable(kd_sum, ce_sum)
+        return loss, kd_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _kd, _ce):
+        grad_hidden, grad_head = ctx.grads
+        ctx.grads = (None, None)
+        if grad_hidden is None:
+            return (None,) * 12
+        grad_hidden = (grad_hidden * grad_loss).view(ctx.shape).to(ctx.dtypes[0])
+        grad_head = (grad_head * grad_loss).to(ctx.dtypes[1])
+        return (grad_hidden, grad_head) + (None,) * 10

@@ -1,0 +1,72 @@
+"""losses.fused_distill_loss (#23, the output head fused into the loss): from hidden states and head
+weights, the same value and the same gradients (hidden states, head weight) as the plain distill_loss
+and CE on the full logits, for every objective, several tau, tied and untied heads, heads wider than the
+tokenizer, and a kd/CE mix; bf16 inputs stay finite."""
+import pytest
+import torch
+
+from conftest import assert_float32_close
+from losses import LOSSES, ce_loss, distill_loss, fused_distill_loss
+
+
+def setting(seed=0, V=40, n_ids=37, tied=False):
+    g = torch.Generator().manual_seed(seed)
+    B, T, H = 2, 6, 8
+    student_hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
+    head = (torch.randn(V, H, generator=g) / 2).requires_grad_()
+    teacher_hidden = torch.randn(B, T, 12, generator=g)
+    teacher_head = torch.randn(V + 5, 12, generator=g)  # a wider teacher: cut to n_ids too
+    labels = torch.randint(0, n_ids, (B, T), generator=g)
+    labels[0, :2] = -100  # prompt positions
+    labels[1, 4:] = -100  # padding
+    return student_hidden, head, teacher_hidden, teacher_head, labels
+
+
+def plain(name, student_hidden, head, teacher_hidden, teacher_head, labels, tau, n_ids, kd_weight, ce_weight):
+    student_logits = student_hidden @ head[:n_ids].t()
+    teacher_logits = teacher_hidden @ teacher_head[:n_ids].t()
+    kd = distill_loss(name, student_logits, teacher_logits, labels, tau=tau, reduction="sum")
+    ce = ce_loss(student_logits, labels, reduction="sum")
+    return kd_weight * kd + ce_weight * ce, kd, ce
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("tau", [1.0, 2.5, 10.0])
+def test_fused_equals_the_plain_form_in_value_and_gradient(name, tau):
+    inputs = setting()
+    want, want_kd, want_ce = plain(name, *inputs, tau, 37, 0.7, 0.3)
+    want.backward()
+    want_grads = [inputs[0].grad.clone(), inputs[1].grad.clone()]
+    inputs[0].grad = inputs[1].grad = None
+    got, kd, ce = fused_distill_loss(name, *inputs, tau=tau, n_ids=37, kd_weight=0.7, ce_weight=0.3, chunk_size=3)
+    got.backward()
+    for a, b in ((got, want), (kd, want_kd), (ce, want_ce), (inputs[0].grad, want_grads[0]),
+                 (inputs[1].grad, want_grads[1])):
+        assert_float32_close(a.detach(), b.detach())
+    assert not bool(inputs[1].grad[37:].any())  # rows beyond the tokenizer: no gradient
+
+
+def test_a_tied_head_gets_both_gradients_and_pure_kd_needs_no_ce():
+    torch.manual_seed(0)
+    embedding = torch.randn(40, 8, requires_grad=True)  # the head is the embedding (tied)
+    ids = torch.randint(0, 40, (2, 6))
+    student_hidden = embedding[ids] * 2
+    _, _, teacher_hidden, teacher_head, labels = setting()
+    want, _, _ = plain("rkl", student_hidden, embedding, teacher_hidden, teacher_head, labels, 2.0, 40, 1.0, 0.0)
+    want_grad = torch.autograd.grad(want, embedding)[0]
+    student_hidden = embedding[ids] * 2
+    got, _, ce = fused_distill_loss("rkl", student_hidden, embedding, teacher_hidden, teacher_head, labels, tau=2.0)
+    assert_float32_close(torch.autograd.grad(got, embedding)[0], want_grad)
+    assert float(ce) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_give_finite_float32_losses_for_extreme_tau(dtype):
+    student_hidden, head, teacher_hidden, teacher_head, labels = setting()
+    for tau in (0.1, 100.0):
+        hidden = (student_hidden.detach() * 30).to(dtype).requires_grad_()
+        loss, _, _ = fused_distill_loss("fkl", hidden, head.detach().to(dtype).requires_grad_(),
+                                        teacher_hidden.to(dtype) * 30, teacher_head.to(dtype), labels, tau=tau,
+                                        ce_weight=0.5)
+        loss.backward()
+        assert loss.dtype == torch.float32 and bool(loss.isfinite()) and bool(hidden.grad.isfinite().all())
