@@ -372,7 +372,7 @@ class _FusedHead(torch.autograd.Function):
             if want:
                 g = torch.autograd.grad(value, z)[0]                           # (n, V) float32
                 grad_hidden[idx] = g @ weight.float()                           # (n, H)
-                grad_head[:n_ids] += g.t() @ h.float()                          # (V, H)
+                grad_head[:n_ids].addmm_(g.t(), h.float())                     # (V, H), in place: no temporary
             sums += torch.stack([kd.detach(), ce_value.detach()])
         ctx.grads, ctx.dtypes = (grad_hidden, grad_head), (hidden.dtype, head.dtype)
         ctx.shape = hidden.shape
@@ -387,6 +387,6 @@ class _FusedHead(torch.autograd.Function):
         ctx.grads = (None, None)
         if grad_hidden is None:
             return (None,) * 12
-        grad_hidden = (grad_hidden * grad_loss).view(ctx.shape).to(ctx.dtypes[0])
-        grad_head = (grad_head * grad_loss).to(ctx.dtypes[1])
+        grad_hidden = grad_hidden.mul_(grad_loss).view(ctx.shape).to(ctx.dtypes[0])  # in place: no second copy
+        grad_head = grad_head.mul_(grad_loss).to(ctx.dtypes[1])
         return (grad_hidden, grad_head) + (None,) * 10
