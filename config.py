@@ -101,6 +101,8 @@ def build_parser(description=None):
     p.add_argument("--teacher-dtype", choices=["float32", "bfloat16"], help="teacher weights (default as --dtype)")
     p.add_argument("--resume", action="store_true", help="continue exactly from <out>/last.pt")
     p.add_argument("--fsdp", action="store_true", help="shard the student with FSDP (multi-GPU)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="keep only each student block's input "
+                   "and recompute the block in backward: less activation memory for ~1/3 more compute")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule still "
                    "spans --epochs), validate and save best/ and last.pt, so --resume continues")
     p.add_argument("--save-every", type=int, default=0, help="also write last.pt every N steps")

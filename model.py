@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from files import atomic_write
 from hf_files import read_tensors, resolve_checkpoint, weight_files
@@ -197,6 +198,7 @@ class GPT(nn.Module):
         self.ln_f = norm(cfg, C) if cfg.final_norm else nn.Identity()
         # The head: tok_emb.weight itself when tied (GPT-2, OPT, small Qwen and Llama 3.2), else its own
         self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, E))
+        self.checkpointing = False  # activation checkpointing of the blocks while training (--activation-checkpointing)
         if cfg.positions == "rope":  # a buffer, not a parameter: made from the config, never saved
             self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         # GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2L)
@@ -239,7 +241,10 @@ class GPT(nn.Module):
             angles = torch.cat((angles, angles), dim=-1)[:, None]            # (B, 1, T, D)
             rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, rope, None if cache is None else cache[i], cache_pos)
+            if self.checkpointing and torch.is_grad_enabled() and cache is None:  # keep only each block's input
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, rope, use_reentrant=False)  # recomputed in backward
+            else:
+                x = block(x, mask, rope, None if cache is None else cache[i], cache_pos)
         x = self.proj_out(self.ln_f(x[:, -1:] if last_only else x))
         # CPU speed-up when sampling: the same product, the tall (V, C) head read in slices, which a
         # CPU GEMM streams faster (25 -> 16 ms a step at B=8)

@@ -267,6 +267,7 @@ def load_run(args, stop=None):
                                     where="train")
     if len(train_set) < args.batch_size:
         raise SystemExit(f"error: {len(train_set)} training examples do not fill one batch of {args.batch_size}")
+    student.checkpointing = args.activation_checkpointing
     student = distributed.Student(student.train(), args, device, world_size)  # .trained: what the loop calls
     optimizer = optimizer_for(student.trained, args.lr, args.weight_decay)
     state = {"step": 0, "epoch": 0, "best_rouge": -1.0}

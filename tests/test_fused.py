@@ -70,3 +70,32 @@ def test_half_precision_inputs_give_finite_float32_losses_for_extreme_tau(dtype)
                                         ce_weight=0.5)
         loss.backward()
         assert loss.dtype == torch.float32 and bool(loss.isfinite()) and bool(hidden.grad.isfinite().all())
+
+
+def test_activation_checkpointing_gives_the_same_gradients_and_the_same_run(tmp_path):
+    """Recomputing each block in backward instead of keeping its activations changes no number: the
+    same gradients for one batch, and the same weights after a short KD run (--activation-checkpointing)."""
+    import train
+    import toy
+    from test_evaluate import tiny_toy_model
+    from test_train import weights
+    torch.manual_seed(0)
+    model = toy.scratch_model("scratch:3x48")
+    ids = torch.randint(0, 257, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.checkpointing = checkpointing
+        model(ids, mask).logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    tiny_toy_model(tmp_path / "teacher")
+    common = ["--preset", "toy", "--teacher", str(tmp_path / "teacher"), "--student", "toy-tiny", "--loss", "js",
+              "--tau", "2", "--responses", "dataset", "--train-examples", "64", "--batch-size", "8", "--max-steps", "3",
+              "--valid-examples", "2", "--valid-max-new-tokens", "4", "--eval-benchmarks", ""]
+    train.main([*common, "--out", str(tmp_path / "plain")])
+    train.main([*common, "--activation-checkpointing", "--out", str(tmp_path / "checkpointed")])
+    plain, checkpointed = weights(tmp_path / "plain"), weights(tmp_path / "checkpointed")
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
