@@ -103,8 +103,7 @@ def main(argv=None):
     p.add_argument("--taus", default=",".join(f"{t:g}" for t in TAUS))
     p.add_argument("--out", default=None, help="folder for analysis.md / analysis.png (default: the student's)")
     args = p.parse_args(argv)
-    for flag in ("--teacher", "--student"):  # the door (checks.py)
-        checks.checkpoint(flag, getattr(args, flag[2:]))
+    configs = {flag: checks.checkpoint(flag, getattr(args, flag[2:])) or {} for flag in ("--teacher", "--student")}
     data.check_benchmark("--data", args.data, args.data_dir, split="train")
     checks.at_least("--examples", args.examples, 1)
     try:
@@ -116,9 +115,9 @@ def main(argv=None):
     checks.writable("--out", args.out or args.student)
     tokenizer = data.load_tokenizer(args.student)
     checks.same_vocabulary(data.load_tokenizer(args.teacher), tokenizer, args.teacher, args.student)
-    widths = {name: checks.output_width(name) for name in (args.teacher, args.student)}
+    widths = {flag: config.get("vocab_size") for flag, config in configs.items()}  # (the door's parse)
     if None not in widths.values() and len(set(widths.values())) > 1:
-        checks.fail(f"--teacher has {widths[args.teacher]} output ids, --student {widths[args.student]}: the "
+        checks.fail(f"--teacher has {widths['--teacher']} output ids, --student {widths['--student']}: the "
                     "analysis compares their distributions id by id over one width")
     teacher, student = GPT.from_pretrained(args.teacher), GPT.from_pretrained(args.student)
     records = data.load_split(args.data, "train", args.data_dir)[: args.examples]

@@ -86,8 +86,8 @@ def seeds(flag, text):
 def checkpoint(flag, name):
     """A checkpoint directory that exists and holds a readable config.json and weights, or a hub id
     (checked when it is downloaded). A path that looks local but does not exist is not sent to the
-    hub. Returns how many positions the checkpoint's config allows (None for a hub id: not known
-    before it is downloaded)."""
+    hub. Returns the config.json it read, parsed once for every later look at the door (None for a hub
+    id: not known before it is downloaded)."""
     if os.path.isdir(name):
         try:
             config = json.loads(open(os.path.join(name, "config.json"), encoding="utf-8").read())
@@ -103,19 +103,10 @@ def checkpoint(flag, name):
             config_from_hf(config)
         except (ValueError, KeyError) as e:
             fail(f"{flag} {name}: config.json {'lacks the field ' if isinstance(e, KeyError) else ''}{e}")
-        return config.get("n_positions") or config.get("max_position_embeddings")
+        return config
     if looks_local(name):
         fail(f"{flag} {name}: no such directory")
     return None
-
-
-def output_width(name):
-    """How many output ids (rows of the embedding) a local checkpoint's config.json declares (None for
-    a hub id, or when it does not say)."""
-    try:
-        return json.loads(open(os.path.join(name, "config.json"), encoding="utf-8").read()).get("vocab_size")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def device(flag, name):

@@ -144,7 +144,7 @@ def check_args(args):
     """The door (see checks.py): every flag inside its domain, every path there, before any model
     or data loads."""
     check_numbers(args)
-    to_make = check_models(args)
+    to_make, widths = check_models(args)
     data.check_benchmark("--data", args.data, args.data_dir, split="train")
     data.check_benchmark("--valid-data", args.valid_data, args.data_dir, split="valid")
     data.check_benchmarks("--eval-benchmarks", args.eval_benchmarks, args.data_dir)
@@ -157,8 +157,8 @@ def check_args(args):
         checks.same_vocabulary(tokenizer_for(to_make.get(args.teacher, args.teacher)),
                                tokenizer_for(to_make.get(args.student, args.student)), args.teacher, args.student)
     tokenizer = tokenizer_for(to_make.get(args.student, args.student))
-    for flag, name in (("--student", args.student), ("--teacher", args.teacher if args.mode == "kd" else None)):
-        width = checks.output_width(name) if name and not toy.is_scratch(name) else None
+    for flag, width in widths.items():
+        name = args.student if flag == "--student" else args.teacher
         if width is not None and width < tokenizer.n_ids:  # wider is padding, cut off; narrower cannot be
             checks.fail(f"{flag} {name} has {width} output ids, fewer than its tokenizer's {tokenizer.n_ids}")
     marker = len(tokenizer.encode(data.RESPONSE_MARKER))
@@ -217,10 +217,11 @@ def check_numbers(args):
 
 def check_models(args):
     """Teacher and student: checkpoints there (or a from-scratch size), long enough for --max-len. A
-    toy stage this command makes first is checked by the size it makes: returns {its best/: that
-    size}."""
+    toy stage this command makes first is checked by the size it makes. Returns ({its best/: that
+    size}, {flag: the checkpoint's output width, None when not known yet})."""
     to_make = {f"{out}/best": toy.STAGES[out][toy.STAGES[out].index("--student") + 1] for out in toy.stages_needed(args)}
     models = [("--student", args.student)] + ([("--teacher", args.teacher)] if args.mode == "kd" else [])
+    widths = {}
     for flag, name in models:
         if not name:
             checks.fail(f"{flag} is required")
@@ -228,19 +229,21 @@ def check_models(args):
         if toy.is_scratch(name):
             if name.startswith("scratch:") and not re.fullmatch(r"scratch:[1-9]\d*x[1-9]\d*", name):
                 checks.fail(f"{flag} {name}: write a from-scratch size as scratch:<layers>x<width>, e.g. scratch:4x128")
-            positions = toy.SCRATCH_POSITIONS
+            positions, widths[flag] = toy.SCRATCH_POSITIONS, None
         elif flag == "--teacher" and name == PRESETS[args.preset].get("teacher") and not os.path.exists(name) \
                 and args.preset in TEACHER_SFT:
             checks.fail(f"--teacher {name} does not exist yet: fine-tune the teacher first (python train.py --preset "
                         f"{args.preset} --mode sft --student {TEACHER_SFT[args.preset]} --lr 5e-5 --epochs 10 --out "
                         f"{os.path.dirname(name)})")
         else:
-            positions = checks.checkpoint(flag, name)
+            hf = checks.checkpoint(flag, name) or {}  # parsed once: positions and width come from it
+            positions = hf.get("n_positions") or hf.get("max_position_embeddings")
+            widths[flag] = hf.get("vocab_size")
         if positions and args.max_len > positions:
             checks.fail(f"--max-len {args.max_len} exceeds {flag} {name}'s {positions} positions")
         if positions and args.max_prompt_len + args.valid_max_new_tokens > positions:
             checks.fail(f"--max-prompt-len + --valid-max-new-tokens exceed {flag} {name}'s {positions} positions")
-    return to_make
+    return to_make, widths
 
 
 @functools.lru_cache  # the door compares the tokenizers, train() uses the student's: built once

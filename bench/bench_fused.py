@@ -24,11 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import losses  # noqa: E402
-
-
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from bench_losses import rss_bytes  # noqa: E402  (this folder is the script's: on the path)
 
 
 def measure_one(name, impl, N, H, V):

@@ -9,12 +9,10 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-import checkpoint
 import checks
 import config
 import data
