@@ -41,7 +41,8 @@ TEACHER_SFT = {"gpt2": "gpt2-xl", "opt": "facebook/opt-6.7b", "qwen2.5": "Qwen/Q
                "qwen3": "Qwen/Qwen3-4B-Base"}
 # What a resumed run must share with the run that wrote its last.pt (the rest may change: --max-steps,
 # --save-every, logging, the device).
-RESUME_MUST_MATCH = ("mode", "loss", "tau", "kd_ratio", "tau_sq", *HPARAMS, "student_gen_ratio", "teacher",
+RESUME_MUST_MATCH = ("mode", "loss", "tau", "kd_ratio", "tau_sq", *HPARAMS, "student_gen_ratio", "lora_rank", "lora_alpha",
+                     "teacher",
                      "student", "data", "responses", "teacher_fingerprint", "epochs", "batch_size", "lr", "min_lr",
                      "weight_decay", "seed", "train_examples")
 
@@ -103,6 +104,14 @@ def build_parser(description=None):
     p.add_argument("--fsdp", action="store_true", help="shard the student with FSDP (multi-GPU)")
     p.add_argument("--activation-checkpointing", action="store_true", help="keep only each student block's input "
                    "and recompute the block in backward: less activation memory for ~1/3 more compute")
+    p.add_argument("--lora-rank", type=int, default=0, help="train a LoRA student of this rank: only low-rank "
+                   "updates of q, v, attention's output and the MLP train, merged into best/ (0: all weights; "
+                   "torchtune's KD recipes: 64)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA's scale is alpha / rank (default 2 x rank, as "
+                   "torchtune's recipes: 64/128)")
+    p.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=True, help="apply the output "
+                   "head inside the KD loss, chunk by chunk, so no (B, T, V) logits exist (losses.fused_distill_loss); "
+                   "--no-fused-loss makes the logits and calls distill_loss_chunked: the same loss to float rounding")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule still "
                    "spans --epochs), validate and save best/ and last.pt, so --resume continues")
     p.add_argument("--save-every", type=int, default=0, help="also write last.pt every N steps")
@@ -189,6 +198,12 @@ def check_numbers(args):
                  "valid_max_new_tokens", "max_prompt_len", "log_every"):
         checks.at_least("--" + flag.replace("_", "-"), getattr(args, flag), 1)
     checks.at_least("--save-every", args.save_every, 0)
+    checks.at_least("--lora-rank", args.lora_rank, 0)
+    if args.lora_alpha is not None and not args.lora_rank:
+        checks.fail("--lora-alpha scales a LoRA student's update: give --lora-rank too")
+    args.lora_alpha = float(2 * args.lora_rank) if args.lora_alpha is None and args.lora_rank else args.lora_alpha
+    if args.lora_rank:
+        checks.finite("--lora-alpha", args.lora_alpha, low=0)
     if args.batch_size % world_size:  # before dividing by it
         checks.fail(f"--batch-size {args.batch_size} must be a multiple of the {world_size} processes")
     if args.fsdp and "RANK" not in os.environ:
@@ -254,7 +269,7 @@ def tokenizer_for(name):
 
 def check_resume(saved_args, args, path):
     """A resumed run trains on exactly the settings that wrote last.pt, or is refused in one line."""
-    saved = {"student_gen_ratio": 0.0, **saved_args}  # a last.pt from before the flag: off-policy
+    saved = {"student_gen_ratio": 0.0, "lora_rank": 0, "lora_alpha": None, **saved_args}  # from before the flags
     changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(args, k)]
     if changed:
         raise SystemExit(f"error: --resume with different settings than {path} was written with: "

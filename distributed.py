@@ -11,6 +11,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+import lora
+
 from model import GPT
 
 
@@ -192,6 +194,9 @@ def load_fsdp_state(fsdp_model, optimizer, checkpoint):
 def clone_from_state(model, state, device):
     """A plain (unsharded) copy of the student under FSDP: to validate and save (rank 0), or to
     sample on-policy responses from (every process)."""
-    copy = GPT(model.cfg).to(next(iter(state.values())).device)
+    copy = GPT(model.cfg)
+    if model.lora_settings:  # a LoRA student: the same updates, to load A and B into
+        lora.add(copy, *model.lora_settings)
+    copy = copy.to(next(iter(state.values())).device)
     copy.load_state_dict(state)
     return copy.to(device)

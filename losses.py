@@ -11,9 +11,10 @@ response tokens. Every objective below is a plain function of the two log-probab
 (N,) holds each row's ground-truth next token; only DRKL and CE use it. Values are the true
 divergences (>= 0, 0 when p = q).
 
-At the bottom, `distill_loss_chunked` computes the same value and gradient with about one extra
-copy of the logits instead of several (a memory optimisation; train.py uses it,
-bench/bench_losses.py measures it).
+At the bottom, two memory optimisations compute the same value and gradient: `distill_loss_chunked`
+from the logits with about one extra copy of them instead of several, and `fused_distill_loss` from
+the models' last hidden states and head weights, making the logits chunk by chunk so no (B, T, V)
+tensor exists (what train.py runs; bench/bench_losses.py and bench/bench_fused.py measure them).
 """
 import math
 
@@ -243,7 +244,7 @@ def _check_labels(logits, labels, reduction):
 
 
 # ==================================================================================================
-# Memory optimisation: the same loss in chunks (what train.py uses)
+# Memory optimisation: the same loss in chunks (train.py --no-fused-loss)
 #
 # The plain form above keeps several (N, V) float32 tensors alive for autograd (log_p, log_q, the
 # objective's intermediates): for GPT-2's 50,257-token vocabulary that is several times the logits.
@@ -317,8 +318,23 @@ class _ChunkedSum(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+def logits_distill_loss(name, student_hidden, student_head, teacher_hidden, teacher_head, labels, tau=1.0,
+                        n_ids=None, kd_weight=1.0, ce_weight=0.0, tau_sq=False, **hparams):
+    """fused_distill_loss's arguments and results, computed from the whole logits (B, T, V) with
+    distill_loss_chunked and ce_loss (train.py --no-fused-loss)."""
+    n_ids = n_ids or student_head.shape[0]
+    student_logits = F.linear(student_hidden, student_head[:n_ids]).float()  # (B, T, V)
+    ce_sum = ce_loss(student_logits if ce_weight else student_logits.detach(), labels, reduction="sum")
+    kd_sum = torch.zeros((), device=student_logits.device)
+    if teacher_hidden is not None and kd_weight:
+        teacher_logits = F.linear(teacher_hidden, teacher_head[:n_ids]).float()  # (B, T, V)
+        kd_sum = distill_loss_chunked(name, student_logits, teacher_logits, labels, tau=tau, tau_sq=tau_sq,
+                                      reduction="sum", **hparams)
+    return ce_weight * ce_sum + kd_weight * kd_sum, kd_sum.detach(), ce_sum.detach()
+
+
 # ==================================================================================================
-# Memory optimisation, further: the output head fused into the loss (issue #23; not yet what train.py runs)
+# Memory optimisation, further: the output head fused into the loss (what train.py runs by default)
 #
 # With 128k-152k-token vocabularies the logits, not the weights, decide what fits. fused_distill_loss
 # takes the models' last hidden states and head weights instead of logits: it makes each chunk's logits
@@ -331,14 +347,17 @@ def fused_distill_loss(name, student_hidden, student_head, teacher_hidden, teach
     """kd_weight * sum KD + ce_weight * sum CE over the response tokens, from hidden states (B, T, H)
     and head weights (V, H) of any float dtype; the logits are made chunk by chunk, cut to the
     tokenizer's n_ids ids (None: all), in float32. Returns (loss, kd_sum, ce_sum), the last two
-    detached, for the log. Same value and gradient as distill_loss on the full logits (tested); the
-    teacher's side needs no gradient."""
+    detached, for the log (CE is summed even at ce_weight 0; KD is 0 without a teacher, kd_weight 0).
+    Same value and gradient as distill_loss on the full logits (tested); the teacher's side needs no
+    gradient."""
     hparams = {k: v for k, v in hparams.items() if v is not None}
     check_objective(name, tau, **hparams)
     n_ids = n_ids or student_head.shape[0]
     rows = (labels.reshape(-1) != -100).nonzero()[:, 0]
     chunk_size = chunk_size or max(1, 2**21 // n_ids)  # ~8 MB of float32 per (chunk, V) temporary
     per_token = lambda log_p, log_q, target: LOSSES[name](log_p, log_q, target, **hparams)
+    if teacher_hidden is None or not kd_weight:
+        per_token, teacher_hidden, teacher_head = None, student_hidden.detach(), student_head.detach()
     loss, kd, ce = _FusedHead.apply(student_hidden, student_head, teacher_hidden.detach(), teacher_head.detach(),
                                     labels.reshape(-1), rows, per_token, tau, n_ids, kd_weight * (tau**2 if tau_sq else 1),
                                     ce_weight, chunk_size)
@@ -355,9 +374,10 @@ class _FusedHead(torch.autograd.Function):
         H = hidden.shape[-1]
         flat, teacher_flat = hidden.detach().reshape(-1, H), teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
         weight, teacher_weight = head.detach()[:n_ids], teacher_head[:n_ids]
-        want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        want, want_head = ctx.needs_input_grad[0] or ctx.needs_input_grad[1], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device) if want else None
-        grad_head = torch.zeros(head.shape, dtype=torch.float32, device=head.device) if want else None
+        # a frozen head (a LoRA student) needs no (V, H) gradient
+        grad_head = torch.zeros(head.shape, dtype=torch.float32, device=head.device) if want_head else None
         sums = torch.zeros(2, dtype=torch.float32, device=flat.device)  # KD, CE
         for start in range(0, len(rows), chunk_size):
             idx = rows[start:start + chunk_size]
@@ -365,14 +385,18 @@ class _FusedHead(torch.autograd.Function):
             with torch.enable_grad():
                 z = (h @ weight.t()).float().requires_grad_(want)  # (n, V) the student's logits of this chunk
                 log_q = log_probs(z, tau)
-                kd = per_token(log_probs((teacher_flat[idx] @ teacher_weight.t()).float(), tau), log_q,
-                               targets[idx]).sum() if kd_weight else z.new_zeros(())
-                ce_value = ce(None, log_probs(z, 1.0), targets[idx]).sum() if ce_weight else z.new_zeros(())
+                kd = z.new_zeros(())
+                if per_token is not None:
+                    log_p = log_probs((teacher_flat[idx] @ teacher_weight.t()).float(), tau)  # the teacher's, no gradient
+                    kd = per_token(log_p, log_q, targets[idx]).sum()
+                # CE at tau 1, with a gradient only where it trains (else it is summed for the log alone)
+                ce_value = ce(None, log_probs(z if ce_weight else z.detach(), 1.0), targets[idx]).sum()
                 value = kd_weight * kd + ce_weight * ce_value
-            if want:
+            if want and value.requires_grad:
                 g = torch.autograd.grad(value, z)[0]                           # (n, V) float32
                 grad_hidden[idx] = g @ weight.float()                           # (n, H)
-                grad_head[:n_ids].addmm_(g.t(), h.float())                     # (V, H), in place: no temporary
+                if want_head:
+                    grad_head[:n_ids].addmm_(g.t(), h.float())                 # (V, H), in place: no temporary
             sums += torch.stack([kd.detach(), ce_value.detach()])
         ctx.grads, ctx.dtypes = (grad_hidden, grad_head), (hidden.dtype, head.dtype)
         ctx.shape = hidden.shape
@@ -388,5 +412,5 @@ class _FusedHead(torch.autograd.Function):
         if grad_hidden is None:
             return (None,) * 12
         grad_hidden = grad_hidden.mul_(grad_loss).view(ctx.shape).to(ctx.dtypes[0])  # in place: no second copy
-        grad_head = grad_head.mul_(grad_loss).to(ctx.dtypes[1])
+        grad_head = None if grad_head is None else grad_head.mul_(grad_loss).to(ctx.dtypes[1])
         return (grad_hidden, grad_head) + (None,) * 10

@@ -87,8 +87,11 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out)) if bias else None
 
+        self.lora = None  # a LoRA student's low-rank update (lora.py)
+
     def forward(self, x):  # (..., in) -> (..., out)
-        return F.linear(x, self.weight.t(), self.bias)
+        y = F.linear(x, self.weight.t(), self.bias)
+        return y if self.lora is None else self.lora(x, y)
 
 
 class RMSNorm(nn.Module):
@@ -199,6 +202,7 @@ class GPT(nn.Module):
         # The head: tok_emb.weight itself when tied (GPT-2, OPT, small Qwen and Llama 3.2), else its own
         self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, E))
         self.checkpointing = False  # activation checkpointing of the blocks while training (--activation-checkpointing)
+        self.lora_settings = None   # (rank, alpha) of a LoRA student (lora.py)
         if cfg.positions == "rope":  # a buffer, not a parameter: made from the config, never saved
             self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         # GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2L)
@@ -213,11 +217,13 @@ class GPT(nn.Module):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head
 
     def forward(self, input_ids, attention_mask=None, *, cache=None, cache_pos=0, positions=None,
-                last_only=False):
+                last_only=False, head=None):
         """input_ids (B, T) -> float32 logits (B, T, V). attention_mask (B, S) is 1 on real tokens
         and covers the cache and the new tokens (S = cache_pos + T). Positions count real tokens
         only, so a left- or right-padded row gets the same logits as the unpadded one. last_only:
-        logits of the last position only (sampling)."""
+        logits of the last position only (sampling). head: a function (hidden (B, T, E), head weight
+        (V, E)) -> anything, returned instead of the logits: training's fused loss, which makes the
+        logits chunk by chunk (train.py: loss_step)."""
         (B, T), mask, device = input_ids.shape, None, input_ids.device
         if attention_mask is not None and not bool(attention_mask.all()):
             attention_mask, S = attention_mask.bool(), attention_mask.shape[1]
@@ -246,6 +252,8 @@ class GPT(nn.Module):
             else:
                 x = block(x, mask, rope, None if cache is None else cache[i], cache_pos)
         x = self.proj_out(self.ln_f(x[:, -1:] if last_only else x))
+        if head is not None:  # called here, inside forward, so that under FSDP the head's weight is gathered
+            return head(x, self.head)
         # CPU speed-up when sampling: the same product, the tall (V, C) head read in slices, which a
         # CPU GEMM streams faster (25 -> 16 ms a step at B=8)
         if x.shape[1] == 1 and x.device.type == "cpu":
@@ -346,8 +354,11 @@ class GPT(nn.Module):
         os.makedirs(out_dir, exist_ok=True)
         tensors = {}
         for name, tensor in self.state_dict().items():
-            if name == "inv_freq":
+            if name == "inv_freq" or ".lora." in name:  # a LoRA update is merged into its weight instead
                 continue
+            owner = self.get_submodule(name.rpartition(".")[0])
+            if getattr(owner, "lora", None) is not None and name.endswith(".weight"):
+                tensor = tensor + owner.lora.delta(tensor.shape[1]).to(tensor.dtype)
             hf_keys = _hf_names(self.cfg, name)
             if name.endswith(TRANSPOSED[self.cfg.model_type]):
                 tensor = tensor.t()

@@ -34,45 +34,50 @@ import data
 import distributed
 import evaluate
 import files
+import lora
 import on_policy
 import plots
 import responses
 import toy
-from losses import HPARAMS, ce_loss, distill_loss_chunked
+from losses import HPARAMS, fused_distill_loss, logits_distill_loss
 from model import GPT
 
 
 # --- One optimizer step ---------------------------------------------------------------------------
 
-def loss_step(args, student, teacher, batch, kd_batch, autocast, n_ids):
-    """One micro-batch -> (ce, kd), each summed over its response tokens: the student's next-token
-    cross-entropy on the batch's fixed responses, and its KD loss against the frozen teacher (None in
-    SFT). Each batch is (input_ids, attention_mask, labels), labels -100 outside the response.
+def loss_step(args, student, teacher, batch, kd_batch, autocast, n_ids, ce_weight, kd_weight):
+    """One micro-batch -> (loss, ce, kd): loss = ce_weight * ce + kd_weight * kd, what backward()
+    takes; ce, the student's cross-entropy on the batch's fixed responses, and kd, its KD loss against
+    the frozen teacher (0 in SFT), each summed over its response tokens. A batch is (input_ids,
+    attention_mask, labels), labels -100 outside the response. KD is taken on `kd_batch`: the batch
+    itself (the paper's step), or the student's own responses to its prompts (on_policy.py), over
+    the tokenizer's n_ids ids (an embedding's rows beyond are padding: METHOD.md section 4).
 
-    KD is taken on `kd_batch`: the batch itself in the paper's off-policy step, or on an on-policy
-    step the student's own responses to the same prompts (on_policy.py). It compares the two
-    distributions over the tokenizer's n_ids ids: an embedding's rows beyond them are padding, and
-    teacher and student may have different numbers of them (METHOD.md section 4)."""
-    input_ids, attention_mask, labels = batch
-    ce_trains = teacher is None or args.kd_ratio < 1  # SFT, or the mix: else CE is only logged
-    with autocast(), torch.set_grad_enabled(ce_trains or kd_batch is batch):
-        student_logits = student(input_ids, attention_mask)                          # (B, T, V)
-    ce = ce_loss(student_logits if ce_trains else student_logits.detach(), labels, reduction="sum")
-    if teacher is None:
-        return ce, None
-    if kd_batch is not batch:  # on-policy: the student reads its own responses
-        input_ids, attention_mask, labels = kd_batch
-        with autocast():
-            student_logits = student(input_ids, attention_mask)                      # (B, T', V)
-    with torch.no_grad(), autocast():
-        teacher_logits = teacher(input_ids, attention_mask)                          # (B, T, V)
-    # losses.distill_loss_chunked = losses.distill_loss (read that one: tau, the objective, the mean),
-    # the same value and gradient computed in chunks to hold fewer (B, T, V) float32 tensors
+    Both models stop before their heads: losses.fused_distill_loss makes the logits chunk by chunk,
+    so no (B, T, V) tensor exists (--no-fused-loss: all logits, then distill_loss_chunked). Both
+    compute losses.distill_loss - read that one: tau, the objective, the sum."""
     hparams = {k: getattr(args, k) for k in HPARAMS}  # None: the objective's default
-    cut = lambda logits: logits if logits.shape[-1] == n_ids else logits[..., :n_ids]  # padding rows off
-    kd = distill_loss_chunked(args.loss, cut(student_logits), cut(teacher_logits), labels, tau=args.tau,
-                              tau_sq=args.tau_sq, reduction="sum", **hparams)
-    return ce, kd
+
+    def student_loss(batch, teacher_hidden, teacher_head, ce_weight, kd_weight):  # one student forward -> (loss, kd, ce)
+        input_ids, attention_mask, labels = batch
+        loss_from_hidden = fused_distill_loss if args.fused_loss else logits_distill_loss
+        head = lambda hidden, head: loss_from_hidden(args.loss, hidden, head, teacher_hidden, teacher_head, labels,
+                                                     tau=args.tau, n_ids=n_ids, kd_weight=kd_weight, ce_weight=ce_weight,
+                                                     tau_sq=args.tau_sq, **hparams)
+        with autocast(), torch.set_grad_enabled(bool(ce_weight or kd_weight)):
+            return student(input_ids, attention_mask, head=head)  # the loss is computed in place of the head
+
+    if teacher is None:  # SFT
+        loss, _, ce = student_loss(batch, None, None, ce_weight, 0.0)
+        return loss, ce, torch.zeros(())
+    with torch.no_grad(), autocast():
+        teacher_hidden, teacher_head = teacher(*kd_batch[:2], head=lambda hidden, head: (hidden, head))  # (B, T, E), (V, E)
+    if kd_batch is batch:  # the paper's step: CE and KD on the same sequences, one student forward
+        loss, kd, ce = student_loss(batch, teacher_hidden, teacher_head, ce_weight, kd_weight)
+        return loss, ce, kd
+    loss_ce, _, ce = student_loss(batch, None, None, ce_weight, 0.0)  # on-policy: CE on the fixed responses,
+    loss_kd, kd, _ = student_loss(kd_batch, teacher_hidden, teacher_head, 0.0, kd_weight)  # KD on its own
+    return loss_ce + loss_kd, ce, kd
 
 
 def train_step(args, student, teacher, micro_batches, optimizer, lr, world_size, autocast, n_ids):
@@ -85,16 +90,14 @@ def train_step(args, student, teacher, micro_batches, optimizer, lr, world_size,
     tokens = lambda batches: torch.tensor(float(sum(int((labels != -100).sum()) for _, _, labels in batches)))
     n_ce, n_kd = distributed.all_sum(tokens(b for b, _ in micro_batches), tokens(kd for _, kd in micro_batches))
     sums = [0.0, 0.0]  # CE and KD, summed over this process's tokens, for the log
-    for i, (batch, kd_batch) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with distributed.gradient_sync(student, last or world_size == 1):  # one all-reduce, after the last
-            ce, kd = loss_step(args, student, teacher, batch, kd_batch, autocast, n_ids)
-            if kd is None:  # SFT
-                loss = ce / n_ce.clamp(min=1)
-            else:  # the mix (kd_ratio = 1: pure distillation)
-                loss = (1 - args.kd_ratio) * ce / n_ce.clamp(min=1) + args.kd_ratio * kd / n_kd.clamp(min=1)
+    for i, (batch, kd_batch) in enumerate(micro_batches):  # one all-reduce, after the last:
+        with distributed.gradient_sync(student, i == len(micro_batches) - 1 or world_size == 1):
+            # the mix, each loss a token mean over the global batch (kd_ratio = 1: pure distillation; SFT: CE)
+            kd_ratio = 0.0 if teacher is None else args.kd_ratio
+            ce_weight, kd_weight = (1 - kd_ratio) / float(n_ce.clamp(min=1)), kd_ratio / float(n_kd.clamp(min=1))
+            loss, ce, kd = loss_step(args, student, teacher, batch, kd_batch, autocast, n_ids, ce_weight, kd_weight)
             (loss * world_size).backward()
-        sums = [sums[0] + ce.item(), sums[1] + (kd.item() if kd is not None else 0.0)]
+        sums = [sums[0] + ce.item(), sums[1] + kd.item()]
     for group in optimizer.param_groups:
         group["lr"] = lr
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -244,9 +247,9 @@ def load_run(args, stop=None):
         config.check_resume(saved["args"], args, out / "last.pt")
     tokenizer = config.tokenizer_for(args.student)  # the same as the teacher's (checked at the door)
     records = data.load_split(args.data, "train", args.data_dir)
+    too_few = lambda n: SystemExit(f"error: {n} training examples do not fill one batch of {args.batch_size}")
     if len(records[: args.train_examples]) < args.batch_size:
-        raise SystemExit(f"error: {len(records[: args.train_examples])} training examples do not fill one batch "
-                         f"of {args.batch_size}")
+        raise too_few(len(records[: args.train_examples]))
     valid = data.load_split(args.valid_data, "valid", args.data_dir)[: args.valid_examples]
     if not valid:  # a best/ chosen on nothing would be no choice at all
         raise SystemExit(f"error: --valid-data {args.valid_data}: its valid split holds no examples")
@@ -266,7 +269,8 @@ def load_run(args, stop=None):
     train_set = data.encode_dataset(tokenizer, records[: args.train_examples], args.max_prompt_len, args.max_len,
                                     where="train")
     if len(train_set) < args.batch_size:
-        raise SystemExit(f"error: {len(train_set)} training examples do not fill one batch of {args.batch_size}")
+        raise too_few(len(train_set))
+    student = lora.add(student, args.lora_rank, args.lora_alpha) if args.lora_rank else student  # frozen, but A, B
     student.checkpointing = args.activation_checkpointing
     student = distributed.Student(student.train(), args, device, world_size)  # .trained: what the loop calls
     optimizer = optimizer_for(student.trained, args.lr, args.weight_decay)
@@ -287,8 +291,7 @@ def load_model(name, dtype, device, vocab_size=257):
 
 
 def optimizer_for(model, lr, weight_decay):
-    """AdamW with weight decay, except on biases and layer norms. (Chosen by name, not by shape:
-    FSDP shows parameters as flat shards.)"""
+    """AdamW on what trains, with weight decay except on biases and norms (by name: FSDP shards shapes)."""
     no_decay = lambda name: name.endswith(".bias") or ".ln_" in name or "ln_f." in name or "_norm." in name  # q/k norms
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in params if not no_decay(n)], "weight_decay": weight_decay},
@@ -313,9 +316,8 @@ def epoch_order(n_examples, epoch, seed, rank, world_size):
 
 
 def micro_batches_of(examples, kd_examples, micro_batch_size, pad_id, device):
-    """This process's examples of one step -> [(batch, kd_batch)], one pair per micro-batch, each
-    batch (input_ids, attention_mask, labels). kd_batch is the batch itself off-policy; on an
-    on-policy step, the student's responses to the same prompts, collated the same way."""
+    """This process's examples of one step -> [(batch, kd_batch)] per micro-batch, each (input_ids,
+    attention_mask, labels); kd_batch: the batch itself, or on-policy the student's own responses."""
     collate = lambda chunk: tuple(t.to(device) for t in data.collate_train(chunk, pad_id))
     micro_batches = []
     for j in range(0, len(examples), micro_batch_size):

@@ -272,14 +272,14 @@ def test_a_signal_finishes_the_step_writes_last_pt_and_the_resumed_run_equals_a_
 
 def test_a_non_finite_loss_stops_the_run_and_leaves_no_best_and_no_finished(world, tmp_path,
                                                                             monkeypatch):
-    real = train.distill_loss_chunked
+    real = train.fused_distill_loss
     calls = []
 
     def nan_at_step_3(*args, **kwargs):
         calls.append(1)
-        value = real(*args, **kwargs)
-        return value * float("nan") if len(calls) == 3 else value
-    monkeypatch.setattr(train, "distill_loss_chunked", nan_at_step_3)
+        loss, kd, ce = real(*args, **kwargs)
+        return (loss * float("nan"), kd, ce) if len(calls) == 3 else (loss, kd, ce)
+    monkeypatch.setattr(train, "fused_distill_loss", nan_at_step_3)
     with pytest.raises(SystemExit, match="the loss or its gradient is not finite"):
         train.main([*KD, "--teacher", str(world / "teacher"), "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run/best").exists() and not (tmp_path / "run/finished.json").exists()

@@ -164,11 +164,11 @@ def test_a_teacher_wider_than_the_shared_tokenizer_distils_over_its_ids_also_on_
     common = ["--preset", "toy", "--teacher", str(tmp_path / "wide"), "--student", "toy-tiny", "--loss", "rkl",
               "--tau", "2", "--responses", "dataset", "--train-examples", "64", "--batch-size", "8", "--max-steps",
               "3", "--valid-examples", "2", "--valid-max-new-tokens", "4", "--eval-benchmarks", "", "--device", "cpu"]
-    widths, distill = [], train.distill_loss_chunked
-    monkeypatch.setattr(train, "distill_loss_chunked", lambda name, s, t, *a, **k: widths.append(
-        (s.shape[-1], t.shape[-1])) or distill(name, s, t, *a, **k))
+    widths, fused = [], train.fused_distill_loss  # the heads' rows, and the ids the loss keeps of them
+    monkeypatch.setattr(train, "fused_distill_loss", lambda name, s, head, t, teacher_head, *a, **k: widths.append(
+        (head.shape[0], teacher_head.shape[0], k["n_ids"])) or fused(name, s, head, t, teacher_head, *a, **k))
     train.main([*common, "--out", str(tmp_path / "one")])
-    assert set(widths) == {(257, 257)}
+    assert set(widths) == {(257, 300, 257)}
     run_torchrun(2, [*common, "--out", str(tmp_path / "two")], tmp_path)
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)

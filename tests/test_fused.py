@@ -57,7 +57,19 @@ def test_a_tied_head_gets_both_gradients_and_pure_kd_needs_no_ce():
     student_hidden = embedding[ids] * 2
     got, _, ce = fused_distill_loss("rkl", student_hidden, embedding, teacher_hidden, teacher_head, labels, tau=2.0)
     assert_float32_close(torch.autograd.grad(got, embedding)[0], want_grad)
-    assert float(ce) == 0.0
+    # CE (ce_weight 0) is summed for the log all the same, with no gradient in the loss
+    assert_float32_close(ce, ce_loss((student_hidden @ embedding.t()).detach(), labels, reduction="sum"))
+
+
+def test_without_a_teacher_it_is_the_cross_entropy():  # SFT
+    student_hidden, head, _, _, labels = setting()
+    want = ce_loss(student_hidden @ head.t(), labels, reduction="sum")
+    want_grad = torch.autograd.grad(want, [student_hidden, head])
+    got, kd, ce = fused_distill_loss("fkl", student_hidden, head, None, None, labels, kd_weight=0.0, ce_weight=1.0)
+    for a, b in zip(torch.autograd.grad(got, [student_hidden, head]), want_grad):
+        assert_float32_close(a, b)
+    assert_float32_close(ce, want.detach())
+    assert float(kd) == 0.0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -99,3 +111,72 @@ def test_activation_checkpointing_gives_the_same_gradients_and_the_same_run(tmp_
     train.main([*common, "--activation-checkpointing", "--out", str(tmp_path / "checkpointed")])
     plain, checkpointed = weights(tmp_path / "plain"), weights(tmp_path / "checkpointed")
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+
+
+def assert_close_through_a_network(got, want):
+    """float32 rounding, carried through two blocks' backward: 1e-5 of the tensor's largest entry."""
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def models(tied, seed=0):
+    """A student and a teacher of different widths, with embedding rows past the tokenizer's 37 ids
+    (padding), the teacher's fewer than the student's."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    make = lambda vocab, width: GPT(GPTConfig(vocab_size=vocab, n_positions=32, n_layer=2, n_head=2, n_embd=width,
+                                              ffn_dim=4 * width, tie_embeddings=tied)).float()
+    return make(44, 16), make(40, 24).eval().requires_grad_(False)
+
+
+def batch(seed, B=3, T=10, n_ids=37):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, n_ids, (B, T), generator=g)
+    attention_mask = torch.ones(B, T, dtype=torch.long)
+    attention_mask[1, 7:] = 0  # right padding
+    labels = torch.cat([input_ids[:, 1:], torch.full((B, 1), -100)], 1)
+    labels[:, :3] = -100  # the prompt
+    labels[attention_mask == 0] = -100
+    return input_ids, attention_mask, labels
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_training_step_is_the_same_fused_and_from_logits(name, tied):
+    """train.loss_step with the fused head (the default) and with --no-fused-loss: the same loss, log
+    sums and gradient of every student weight, at two tau, with a CE mix, and on an on-policy step."""
+    import contextlib
+    import types
+    import train
+    from losses import HPARAMS
+    student, teacher = models(tied)
+    on, kd_on = batch(1), batch(2, T=12)
+    for tau, kd_ratio, kd_batch in ((1.0, 1.0, on), (3.0, 0.6, on), (2.0, 0.5, kd_on)):
+        args = types.SimpleNamespace(loss=name, tau=tau, tau_sq=False, kd_ratio=kd_ratio, **dict.fromkeys(HPARAMS))
+        results = []
+        for fused in (True, False):
+            args.fused_loss = fused
+            student.zero_grad()
+            loss, ce, kd = train.loss_step(args, student, teacher, on, kd_batch, contextlib.nullcontext, 37,
+                                           (1 - kd_ratio) / 20, kd_ratio / 20)
+            loss.backward()
+            results.append([loss.detach(), ce, kd] + [p.grad.clone() for p in student.parameters()])
+        for a, b in zip(*results):
+            assert_close_through_a_network(a, b)
+
+
+def test_sft_step_is_the_same_fused_and_from_logits():
+    import contextlib
+    import types
+    import train
+    student, _ = models(tied=False)
+    from losses import HPARAMS
+    args = types.SimpleNamespace(loss="fkl", tau=1.0, tau_sq=False, kd_ratio=1.0, **dict.fromkeys(HPARAMS))
+    sft_batch, results = batch(1), []
+    for fused in (True, False):
+        args.fused_loss = fused
+        student.zero_grad()
+        loss, ce, _ = train.loss_step(args, student, None, sft_batch, sft_batch, contextlib.nullcontext, 37, 0.05, 0.0)
+        loss.backward()
+        results.append([loss.detach(), ce] + [p.grad.clone() for p in student.parameters()])
+    for a, b in zip(*results):
+        assert_close_through_a_network(a, b)

@@ -46,7 +46,7 @@ def test_ratio_one_takes_kd_only_on_the_students_sampled_tokens(tmp_path, monkey
     right after the example's own prompt; CE stays on the fixed responses."""
     teacher = make_teacher(tmp_path)
     generated, kd_calls, ce_labels = [], [], []
-    generate, distill, ce_loss = GPT.generate, train.distill_loss_chunked, train.ce_loss
+    generate, fused = GPT.generate, train.fused_distill_loss
 
     def recording_generate(self, input_ids, attention_mask, **kw):
         new = generate(self, input_ids, attention_mask, **kw)
@@ -56,15 +56,13 @@ def test_ratio_one_takes_kd_only_on_the_students_sampled_tokens(tmp_path, monkey
             generated.append((prompts, new.tolist()))
         return new
 
-    def recording_distill(loss, student_logits, teacher_logits, labels, **kw):
-        kd_calls.append(labels.clone())
-        return distill(loss, student_logits, teacher_logits, labels, **kw)
+    def recording_loss(loss, hidden, head, teacher_hidden, teacher_head, labels, **kw):
+        # on-policy, two calls a micro-batch: CE on the fixed responses (no teacher), KD on the sampled ones
+        (ce_labels if teacher_hidden is None else kd_calls).append(labels.clone())
+        return fused(loss, hidden, head, teacher_hidden, teacher_head, labels, **kw)
 
     monkeypatch.setattr(GPT, "generate", recording_generate)
-    monkeypatch.setattr(train, "distill_loss_chunked", recording_distill)
-    monkeypatch.setattr(train, "ce_loss", lambda logits, labels,
-                        **kw: ce_labels.append(labels.clone())
-                        or ce_loss(logits, labels, **kw))
+    monkeypatch.setattr(train, "fused_distill_loss", recording_loss)
     out = tmp_path / "on"
     train.main([*common(teacher, "--max-steps", "3", "--student-gen-ratio", "1",
                         "--micro-batch-size", "4"),
@@ -82,7 +80,7 @@ def test_ratio_one_takes_kd_only_on_the_students_sampled_tokens(tmp_path, monkey
                 # token
                 assert covered == list(range(len(prompt) - 1, len(prompt) - 1 + len(expected)))
                 assert labels[row, covered].tolist() == expected
-    # CE: the fixed responses of the same examples (validation's CE calls come after training's)
+    # CE: the fixed responses of the same examples
     for step in range(3):
         for half in range(2):
             assert not torch.equal(ce_labels[2 * step + half], kd_calls[2 * step + half])
