@@ -21,11 +21,15 @@ from losses import HPARAMS, LOSSES, check_objective
 PRESETS = {
     "gpt2": dict(),
     "opt": dict(teacher="runs/opt/teacher/best", student="facebook/opt-1.3b", lr=5e-5),
-    # Offline, sized for 2 CPU cores: a 3-seed grid of every objective in about 2 hours (results/toy).
-    # The teacher and the student's warm start are made first, once, by toy.STAGES.
+    # Offline, sized for 2 CPU cores (results/toy): the toy's BPE vocabulary (toy.VOCAB_SIZE); toy-bytes,
+    # the byte vocabulary of the earlier study. Each preset's teacher and the student's warm start are made
+    # first, once, by toy.STAGES, into runs/<preset>/.
     "toy": dict(teacher="runs/toy/teacher/best", student="runs/toy/student-init/best", data="toy", lr=1e-3,
                 epochs=1, batch_size=8, train_examples=1_200, valid_examples=100,
-                eval_benchmarks="toy,toy-hard", eval_seeds="10,20,30"),
+                eval_benchmarks="toy,toy-hard", eval_seeds="10,20,30", toy_vocab="bpe"),
+    "toy-bytes": dict(teacher="runs/toy-bytes/teacher/best", student="runs/toy-bytes/student-init/best", data="toy",
+                      lr=1e-3, epochs=1, batch_size=8, train_examples=1_200, valid_examples=100,
+                      eval_benchmarks="toy,toy-hard", eval_seeds="10,20,30", toy_vocab="bytes"),
     # Beyond the paper: the families people distil today (docs/models.md), base models as torchtune pairs
     # them. The teacher is first fine-tuned on Dolly (TEACHER_SFT below), as in the paper. lr as OPT's
     # (5e-5): full fine-tuning of a 0.1-1B pretrained student; the rest is the paper's protocol.
@@ -63,6 +67,9 @@ def build_parser(description=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="presets (override the defaults above; flags override presets):\n" + presets)
     p.add_argument("--preset", choices=list(PRESETS), default="gpt2", help="a table of defaults, listed below")
+    p.add_argument("--toy-vocab", choices=["bpe", "bytes"], default="bpe", help="the vocabulary of a from-scratch "
+                   "size (toy-teacher, toy-student, ...): the toy's BPE (toy.VOCAB_SIZE ids) or the 257 bytes; one "
+                   "distilled from a teacher checkpoint takes the teacher's")
     p.add_argument("--mode", choices=["kd", "sft"], default="kd", help="kd: distil the teacher into the student; "
                    "sft: fine-tune --student on the data with cross-entropy only (how a teacher is made)")
     p.add_argument("--loss", default="fkl", help=f"KD objective: {', '.join(LOSSES)}")
@@ -109,6 +116,9 @@ def build_parser(description=None):
                    "torchtune's KD recipes: 64)")
     p.add_argument("--lora-alpha", type=float, help="LoRA's scale is alpha / rank (default 2 x rank, as "
                    "torchtune's recipes: 64/128)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile each transformer "
+                   "block for the training step, lengths padded to multiples of --max-len / 4, attention by the causal "
+                   "flag alone (default: on a GPU; off on CPU, where compiling costs more than it saves)")
     p.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=True, help="apply the output "
                    "head inside the KD loss, chunk by chunk, so no (B, T, V) logits exist (losses.fused_distill_loss); "
                    "--no-fused-loss makes the logits and calls distill_loss_chunked: the same loss to float rounding")
@@ -162,14 +172,21 @@ def check_args(args):
     checkpoint.check_free("--out", args.out)
     if args.responses == "teacher":  # where the teacher's responses are cached
         checks.writable("--data-dir", os.path.join(args.data_dir, "responses"))
+    teacher = to_make.get(args.teacher, args.teacher) if args.mode == "kd" else None
+    tokenizer = tokenizer_for(to_make.get(args.student, args.student), args.toy_vocab, teacher)
     if args.mode == "kd":  # last: a hub model's tokenizer is downloaded for it
-        checks.same_vocabulary(tokenizer_for(to_make.get(args.teacher, args.teacher)),
-                               tokenizer_for(to_make.get(args.student, args.student)), args.teacher, args.student)
-    tokenizer = tokenizer_for(to_make.get(args.student, args.student))
+        checks.same_vocabulary(tokenizer_for(teacher, args.toy_vocab), tokenizer, args.teacher, args.student)
     for flag, width in widths.items():
         name = args.student if flag == "--student" else args.teacher
         if width is not None and width < tokenizer.n_ids:  # wider is padding, cut off; narrower cannot be
             checks.fail(f"{flag} {name} has {width} output ids, fewer than its tokenizer's {tokenizer.n_ids}")
+    stages = [name for name in (args.teacher, args.student) if args.preset in toy.PRESETS and name not in to_make
+              and name in (PRESETS[args.preset]["teacher"], PRESETS[args.preset]["student"])]
+    toy_ids = tokenizer_for("toy-tiny", args.toy_vocab).n_ids
+    if stages and tokenizer.n_ids != toy_ids:  # e.g. a runs/toy made before the toy had its BPE vocabulary
+        checks.fail(f"{stages[0]} has a {tokenizer.n_ids}-token vocabulary, not the {toy_ids} of --toy-vocab "
+                    f"{args.toy_vocab}: it was made by an earlier version; move runs/{args.preset} away (a runs/toy "
+                    "from before the BPE toy is the byte toy's: runs/toy-bytes) or delete it")
     marker = len(tokenizer.encode(data.RESPONSE_MARKER))
     if args.max_prompt_len <= marker:
         checks.fail(f"--max-prompt-len {args.max_prompt_len} cannot hold any prompt: the '### Response:' marker "
@@ -208,6 +225,10 @@ def check_numbers(args):
         checks.fail(f"--batch-size {args.batch_size} must be a multiple of the {world_size} processes")
     if args.fsdp and "RANK" not in os.environ:
         checks.fail("--fsdp shards the student over torchrun's processes: start with torchrun --nproc_per_node N")
+    if args.fsdp and args.compile:
+        checks.fail("--compile with --fsdp is not supported yet (FSDP's hooks around compiled blocks are untested "
+                    "here): use --no-compile")
+    args.compile = False if args.fsdp else args.compile  # None: decided by the device (train.py: load_run)
     micro_batch_size = args.micro_batch_size or args.batch_size // world_size
     if args.batch_size % (world_size * micro_batch_size):
         checks.fail(f"--batch-size {args.batch_size} must be a multiple of processes ({world_size}) x "
@@ -234,7 +255,8 @@ def check_models(args):
     """Teacher and student: checkpoints there (or a from-scratch size), long enough for --max-len. A
     toy stage this command makes first is checked by the size it makes. Returns ({its best/: that
     size}, {flag: the checkpoint's output width, None when not known yet})."""
-    to_make = {f"{out}/best": toy.STAGES[out][toy.STAGES[out].index("--student") + 1] for out in toy.stages_needed(args)}
+    stage = lambda out: toy.STAGES[os.path.basename(out)]
+    to_make = {f"{out}/best": stage(out)[stage(out).index("--student") + 1] for out in toy.stages_needed(args)}
     models = [("--student", args.student)] + ([("--teacher", args.teacher)] if args.mode == "kd" else [])
     widths = {}
     for flag, name in models:
@@ -262,9 +284,14 @@ def check_models(args):
 
 
 @functools.lru_cache  # the door compares the tokenizers, train() uses the student's: built once
-def tokenizer_for(name):
-    """A model's tokenizer: the byte tokenizer for a from-scratch size, else the checkpoint's files."""
-    return data.byte_tokenizer() if toy.is_scratch(name) else data.load_tokenizer(name)
+def tokenizer_for(name, toy_vocab="bpe", teacher=None):
+    """A model's tokenizer: a checkpoint's files; for a from-scratch size, the files of the teacher
+    checkpoint it is distilled from, else the toy's vocabulary (--toy-vocab)."""
+    if not toy.is_scratch(name):
+        return data.load_tokenizer(name)
+    if teacher and not toy.is_scratch(teacher):
+        return data.load_tokenizer(teacher)
+    return data.toy_tokenizer() if toy_vocab == "bpe" else data.byte_tokenizer()
 
 
 def check_resume(saved_args, args, path):

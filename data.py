@@ -11,6 +11,7 @@ response.
 The teacher-generated training responses of the paper's setting are made by responses.py.
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import numpy as np
 import tiktoken
 import torch
 
+import bpe
 import checks
 import toy
 from files import atomic_write
@@ -58,15 +60,16 @@ class Tokenizer:
     paper trains it, Qwen and SmolLM2 none), applied by encode_example to every sequence."""
 
     def __init__(self, encoding, eos_id, vocab_size, rank_to_id=None, source=None, byte_level=False, bos_id=None,
-                 nfc=False, merged_only=None, files=("vocab.json", "merges.txt")):
+                 nfc=False, merged_only=None, files=("vocab.json", "merges.txt"), merges=None):
         self.encoding, self.vocab_size = encoding, vocab_size
         self.eos_id = self.pad_id = eos_id  # padded with EOS, as GPT-2 and OPT are
         self.bos_id = bos_id
         self.nfc = nfc  # Qwen's normaliser: NFC before splitting (tiktoken applies none)
         # every token is one byte (the toy's tokenizer): ~4x a BPE token's count
         self.byte_level = byte_level
-        # the directory holding the tokenizer's files (None: the byte tokenizer), and which to copy
-        self.source, self.files = source, files
+        # the directory holding the tokenizer's files, and which to copy; or (source None) the merges of a
+        # tokenizer made here (the toy's), written out as vocab.json + merges.txt
+        self.source, self.files, self.merges = source, files, merges
         # {rank: its merge-made ranks}: tokens tiktoken finds by looking a whole piece up in the
         # vocabulary, which a tokenizer that always applies its merges (Qwen, SmolLM2) spells otherwise
         self.merged_only = merged_only or {}
@@ -130,18 +133,33 @@ class Tokenizer:
                 if os.path.abspath(source) != os.path.abspath(target):
                     shutil.copyfile(source, target)
             return
-        # the byte tokenizer as a GPT-2-style BPE with no merges: byte b has id b, then <|endoftext|>
-        vocab = {c: b for b, c in _bytes_to_unicode().items()} | {"<|endoftext|>": self.eos_id}
-        Path(directory, "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-        Path(directory, "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        # a GPT-2-style BPE: byte b has id b, then the merges' tokens in order, then <|endoftext|>
+        vocab, merges = bpe.files(self.merges, ["<|endoftext|>"], _bytes_to_unicode())
+        Path(directory, "vocab.json").write_text(vocab, encoding="utf-8")
+        Path(directory, "merges.txt").write_text(merges, encoding="utf-8")
+
+
+def bpe_tokenizer(name, merges):
+    """A tokenizer made here from BPE merges (bpe.py): ids = ranks (the 256 bytes, then the merges'
+    tokens), then <|endoftext|> (EOS and padding)."""
+    ranks = bpe.ranks(merges)
+    encoding = tiktoken.Encoding(name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": len(ranks)})
+    return Tokenizer(encoding, eos_id=len(ranks), vocab_size=len(ranks) + 1, byte_level=not merges, merges=merges)
 
 
 def byte_tokenizer():
-    """The toy benchmark's tokenizer: the 256 bytes, then <|endoftext|> = 256 (EOS and padding)."""
-    encoding = tiktoken.Encoding("tempkd-bytes", pat_str=GPT2_PATTERN,
-                                 mergeable_ranks={bytes([b]): b for b in range(256)},
-                                 special_tokens={"<|endoftext|>": 256})
-    return Tokenizer(encoding, eos_id=256, vocab_size=257, byte_level=True)
+    """The byte-vocabulary toy's tokenizer (--toy-vocab bytes): the 256 bytes, then <|endoftext|> = 256."""
+    return bpe_tokenizer("tempkd-bytes", [])
+
+
+@functools.lru_cache(maxsize=1)
+def toy_tokenizer():
+    """The toy benchmark's tokenizer (--toy-vocab bpe, the default): toy.VOCAB_SIZE ids, the last
+    <|endoftext|>, BPE-trained on the toy's training split (prompts and responses) by bpe.py - the
+    same merges on every machine, nothing downloaded."""
+    texts = [record["prompt"] + record["output"][0] for record in toy_split("train")]
+    return bpe_tokenizer("tempkd-toy", bpe.train(texts, toy.VOCAB_SIZE - 1))
 
 
 def _bytes_to_unicode():
@@ -155,10 +173,11 @@ def _bytes_to_unicode():
 
 
 def load_tokenizer(name_or_path):
-    """"toy" -> the byte tokenizer; otherwise a directory or hub id holding tokenizer.json (Llama 3,
-    Qwen, SmolLM2) or GPT-2-style vocab.json + merges.txt (GPT-2, OPT, a toy checkpoint)."""
+    """"toy" -> the toy's BPE tokenizer, "bytes" -> the byte tokenizer; otherwise a directory or hub id
+    holding tokenizer.json (Llama 3, Qwen, SmolLM2) or GPT-2-style vocab.json + merges.txt (GPT-2, OPT,
+    a toy checkpoint)."""
     if name_or_path in ("toy", "bytes"):
-        return byte_tokenizer()
+        return toy_tokenizer() if name_or_path == "toy" else byte_tokenizer()
     wanted = ["tokenizer.json", "vocab.json", "merges.txt", "config.json", "tokenizer_config.json"]
     directory = resolve_checkpoint(name_or_path, lambda files: [f for f in wanted if f in files])
     config_path = Path(directory, "config.json")
@@ -514,12 +533,26 @@ def encode_dataset(tokenizer, records, max_prompt_len=256, max_len=512, with_res
     return encoded
 
 
-def collate_train(examples, pad_id):
-    """[(prompt_ids, response_ids)] -> right-padded input_ids, attention_mask, labels, each (B, T).
-    Position i predicts token i+1; labels hold that token on response and EOS targets and -100
-    elsewhere."""
+def micro_batches(examples, kd_examples, micro_batch_size, pad_id, device, bucket=1):
+    """One process's examples of one training step -> [(batch, kd_batch)], one pair per micro-batch,
+    each (input_ids, attention_mask, labels) on `device`. kd_batch is the batch itself, or on an
+    on-policy step the student's own responses to the same prompts (kd_examples), collated alike.
+    bucket: lengths padded up to a multiple of it (compiled steps: a few shapes, not one per batch)."""
+    collate = lambda chunk: tuple(t.to(device) for t in collate_train(chunk, pad_id, bucket))
+    pairs = []
+    for j in range(0, len(examples), micro_batch_size):
+        batch = collate(examples[j:j + micro_batch_size])
+        kd_batch = batch if kd_examples is examples else collate(kd_examples[j:j + micro_batch_size])
+        pairs.append((batch, kd_batch))
+    return pairs
+
+
+def collate_train(examples, pad_id, bucket=1):
+    """[(prompt_ids, response_ids)] -> right-padded input_ids, attention_mask, labels, each (B, T),
+    T rounded up to a multiple of `bucket`. Position i predicts token i+1; labels hold that token on
+    response and EOS targets and -100 elsewhere."""
     seqs = [p + r for p, r in examples]
-    T = max(len(s) for s in seqs) - 1
+    T = -(-(max(len(s) for s in seqs) - 1) // bucket) * bucket
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
     labels = torch.full((len(seqs), T), -100, dtype=torch.long)

@@ -203,6 +203,7 @@ class GPT(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, E))
         self.checkpointing = False  # activation checkpointing of the blocks while training (--activation-checkpointing)
         self.lora_settings = None   # (rank, alpha) of a LoRA student (lora.py)
+        self.compiled_blocks = None  # torch.compile'd blocks, for the training step's forwards (train.py --compile)
         if cfg.positions == "rope":  # a buffer, not a parameter: made from the config, never saved
             self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         # GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2L)
@@ -246,7 +247,10 @@ class GPT(nn.Module):
             angles = positions[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
             angles = torch.cat((angles, angles), dim=-1)[:, None]            # (B, 1, T, D)
             rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        for i, block in enumerate(self.blocks):
+        # the training step's forwards (those with a head function) may run compiled blocks: their lengths
+        # come in a few buckets, where sampling's and validation's would recompile for every length
+        blocks = self.compiled_blocks if head is not None and self.compiled_blocks else self.blocks
+        for i, block in enumerate(blocks):
             if self.checkpointing and torch.is_grad_enabled() and cache is None:  # keep only each block's input
                 x = torch.utils.checkpoint.checkpoint(block, x, mask, rope, use_reentrant=False)  # recomputed in backward
             else:

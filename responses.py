@@ -233,7 +233,7 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or default_dtype(device)
     teacher = GPT.from_pretrained(args.teacher, dtype=getattr(torch, dtype), device=device)
-    tokenizer = data.load_tokenizer("toy" if args.benchmark.startswith("toy") else args.teacher)
+    tokenizer = data.load_tokenizer(args.teacher)  # the checkpoint's own files (a toy teacher's too)
     teacher_fingerprint = fingerprint(args.teacher)
     where = cache_dir(args.data_dir, args.benchmark, teacher_fingerprint, dtype, args.max_prompt_len)
     records = data.load_split(args.benchmark, "train", args.data_dir)

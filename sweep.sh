@@ -25,8 +25,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)  # run directories are relative to where you
 
 fail() { echo "error: $*" >&2; exit 2; }
 PRESET=${PRESET:-gpt2}
-case "$PRESET" in gpt2|opt|toy|qwen2.5|llama3.2|smollm2|qwen3) ;;
-  *) fail "PRESET must be gpt2, opt, toy, qwen2.5, llama3.2, smollm2 or qwen3, got '$PRESET'" ;; esac
+case "$PRESET" in gpt2|opt|toy|toy-bytes|qwen2.5|llama3.2|smollm2|qwen3) ;;
+  *) fail "PRESET must be gpt2, opt, toy, toy-bytes, qwen2.5, llama3.2, smollm2 or qwen3, got '$PRESET'" ;; esac
 LOSSES=${LOSSES:-"fkl rkl sym js sfkl srkl akl ab drkl tvd"}
 TAUS=${TAUS:-"1 1.5 2 2.5 3 3.5 4"}
 TAU1_ONLY=${TAU1_ONLY:-"ab drkl"}          # the paper reports these at tau = 1 only
@@ -53,12 +53,13 @@ case "$PRESET" in
   gpt2) TEACHER=MiniLLM/teacher-gpt2-1.5B; STUDENT=gpt2 ;;
   opt) TEACHER=runs/opt/teacher/best; STUDENT=facebook/opt-1.3b ;;
   toy) TEACHER=runs/toy/teacher/best; STUDENT=runs/toy/student-init/best ;;
+  toy-bytes) TEACHER=runs/toy-bytes/teacher/best; STUDENT=runs/toy-bytes/student-init/best ;;
   qwen2.5) TEACHER=runs/qwen2.5/teacher/best; STUDENT=Qwen/Qwen2.5-0.5B ;;
   llama3.2) TEACHER=runs/llama3.2/teacher/best; STUDENT=meta-llama/Llama-3.2-1B ;;
   smollm2) TEACHER=runs/smollm2/teacher/best; STUDENT=HuggingFaceTB/SmolLM2-360M ;;
   qwen3) TEACHER=runs/qwen3/teacher/best; STUDENT=Qwen/Qwen3-0.6B-Base ;;
 esac
-if [ "$PRESET" = toy ]; then
+if [ "$PRESET" = toy ] || [ "$PRESET" = toy-bytes ]; then
   BENCHMARKS=${BENCHMARKS:-toy,toy-hard}
   NPROC=${NPROC:-1}
   SEEDS=${SEEDS:-"1 2 3"}                  # training seeds: the toy study's three

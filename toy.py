@@ -150,10 +150,19 @@ def records(split, seed=None):
     return out
 
 
-# --- From-scratch models --------------------------------------------------------------------------
+# --- The vocabulary and the from-scratch models ---------------------------------------------------
 
-# The toy's model sizes (byte vocabulary, SCRATCH_POSITIONS); "scratch:<layers>x<width>" builds any
-# other size with 48-dim heads.
+# The toy's BPE vocabulary (data.toy_tokenizer, made by bpe.py from the training split): 2,047 tokens and
+# <|endoftext|>. 2,048 is the smallest power of two at which nearly every word of the toy's text is one
+# token (99.5 % of word occurrences; 97.6 % at 1,024, 92.8 % at 512), as most English words are in
+# GPT-2's 50k vocabulary: a teacher's second choices are then whole alternative words (a food, a
+# colour, a name), the tail the paper's tau lifts. More merges would only memorise rare syllable words
+# (past 2,999 tokens no pair repeats). `--preset toy-bytes` keeps the 257-token byte vocabulary of the
+# earlier study.
+VOCAB_SIZE = 2048
+
+# The toy's model sizes (SCRATCH_POSITIONS, the vocabulary's width); "scratch:<layers>x<width>" builds
+# any other size with 48-dim heads.
 SIZES = {"toy-teacher": dict(n_layer=4, n_head=2, n_embd=128),
          "toy-student": dict(n_layer=2, n_head=2, n_embd=96),
          "toy-tiny": dict(n_layer=1, n_head=2, n_embd=32)}
@@ -180,24 +189,29 @@ def scratch_model(name, vocab_size=257):
 # --- The toy preset's stages ----------------------------------------------------------------------
 
 # Each an ordinary train.py command, run once before the first toy run that needs it (run one by
-# hand to make it yourself): the teacher fine-tuned from scratch to its validation plateau, and a
-# short SFT warm start for the student (METHOD.md section 5: RKL from random weights is an
-# optimisation failure, not the paper's regime of pretrained students).
+# hand to make it yourself), into runs/<preset>/<stage> (toy, toy-bytes): the teacher fine-tuned from
+# scratch to its validation plateau, and a short SFT warm start for the student (METHOD.md section 5:
+# RKL from random weights is an optimisation failure, not the paper's regime of pretrained students).
+PRESETS = ("toy", "toy-bytes")
 STAGES = {
-    "runs/toy/teacher": ["--mode", "sft", "--student", "toy-teacher", "--lr", "2e-3", "--epochs", "3",
-                         "--batch-size", "16", "--train-examples", "14400"],
-    "runs/toy/student-init": ["--mode", "sft", "--student", "toy-student", "--lr", "3e-3", "--epochs", "1",
-                              "--batch-size", "32", "--train-examples", "9600"],
+    "teacher": ["--mode", "sft", "--student", "toy-teacher", "--lr", "2e-3", "--epochs", "3", "--batch-size", "16",
+                "--train-examples", "14400"],
+    "student-init": ["--mode", "sft", "--student", "toy-student", "--lr", "3e-3", "--epochs", "1", "--batch-size",
+                     "32", "--train-examples", "9600"],
 }
+
+
+def stage_dirs(preset):
+    return [f"runs/{preset}/{stage}" for stage in STAGES]
 
 
 def stages_needed(args):
     """The run directories of the toy stages this command needs that are not made yet (made =
     finished.json; an interrupted stage already holds a best/ of an earlier epoch, and is resumed)."""
-    if args.preset != "toy" or args.mode != "kd":
+    if args.preset not in PRESETS or args.mode != "kd":
         return []
     needed = {os.path.dirname(name) for name in (args.teacher, args.student)}
-    return [out for out in STAGES if out in needed and not made(out)]
+    return [out for out in stage_dirs(args.preset) if out in needed and not made(out)]
 
 
 def made(out):
@@ -210,6 +224,7 @@ def making_lock(out):
 
 
 def stage_argv(out, data_dir):
-    """The train.py command line that makes (or resumes) a stage."""
+    """The train.py command line that makes (or resumes) a stage, runs/<preset>/<stage>."""
+    preset, stage = out.split("/")[-2:]
     resume = ["--resume"] if os.path.isfile(os.path.join(out, "last.pt")) else []
-    return ["--preset", "toy", *STAGES[out], "--out", out, "--data-dir", data_dir, "--eval-benchmarks", "", *resume]
+    return ["--preset", preset, *STAGES[stage], "--out", out, "--data-dir", data_dir, "--eval-benchmarks", "", *resume]

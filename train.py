@@ -57,21 +57,22 @@ def loss_step(args, student, teacher, batch, kd_batch, autocast, n_ids, ce_weigh
     so no (B, T, V) tensor exists (--no-fused-loss: all logits, then distill_loss_chunked). Both
     compute losses.distill_loss - read that one: tau, the objective, the sum."""
     hparams = {k: getattr(args, k) for k in HPARAMS}  # None: the objective's default
+    mask = lambda batch: None if args.compile else batch[1]  # compiled: right padding needs only the causal flag
 
     def student_loss(batch, teacher_hidden, teacher_head, ce_weight, kd_weight):  # one student forward -> (loss, kd, ce)
-        input_ids, attention_mask, labels = batch
+        input_ids, _, labels = batch
         loss_from_hidden = fused_distill_loss if args.fused_loss else logits_distill_loss
         head = lambda hidden, head: loss_from_hidden(args.loss, hidden, head, teacher_hidden, teacher_head, labels,
                                                      tau=args.tau, n_ids=n_ids, kd_weight=kd_weight, ce_weight=ce_weight,
                                                      tau_sq=args.tau_sq, **hparams)
         with autocast(), torch.set_grad_enabled(bool(ce_weight or kd_weight)):
-            return student(input_ids, attention_mask, head=head)  # the loss is computed in place of the head
+            return student(input_ids, mask(batch), head=head)  # the loss is computed in place of the head
 
     if teacher is None:  # SFT
         loss, _, ce = student_loss(batch, None, None, ce_weight, 0.0)
         return loss, ce, torch.zeros(())
     with torch.no_grad(), autocast():
-        teacher_hidden, teacher_head = teacher(*kd_batch[:2], head=lambda hidden, head: (hidden, head))  # (B, T, E), (V, E)
+        teacher_hidden, teacher_head = teacher(kd_batch[0], mask(kd_batch), head=lambda hidden, head: (hidden, head))
     if kd_batch is batch:  # the paper's step: CE and KD on the same sequences, one student forward
         loss, kd, ce = student_loss(batch, teacher_hidden, teacher_head, ce_weight, kd_weight)
         return loss, ce, kd
@@ -141,8 +142,8 @@ def train(args, commands=("the same command", "the same command with --resume"))
                 examples = [run.train_set[i] for i in indices]
                 # beyond the paper: on some steps KD is taken on the student's own responses
                 kd_examples = on_policy.kd_examples(args, run.student, examples, indices, state["step"], run.tokenizer)
-                micro_batches = micro_batches_of(examples, kd_examples, args.micro_batch_size or per_process,
-                                                 run.tokenizer.pad_id, run.device)
+                micro_batches = data.micro_batches(examples, kd_examples, args.micro_batch_size or per_process,
+                                                   run.tokenizer.pad_id, run.device, run.bucket)
                 lr = cosine_lr(state["step"], total_steps, args.lr, args.min_lr)
                 stats = train_step(args, run.student.trained, run.teacher, micro_batches, run.optimizer, lr,
                                    run.world_size, run.autocast, run.tokenizer.n_ids)
@@ -165,6 +166,8 @@ def train(args, commands=("the same command", "the same command with --resume"))
             if stop.check():  # a signal during the validation
                 break
         progress.close()
+        if args.compile and run.is_main:
+            tqdm.write(f"torch.compile: {torch._dynamo.utils.counters['stats']['unique_graphs']} graphs compiled")
         finish(args, run, state, stop, total_steps)
     return out
 
@@ -228,6 +231,7 @@ class Run:
     train_set: list            # [(prompt_ids, response_ids)]
     valid: tuple               # (validation records, their encoded sequences)
     state: dict                # step, epoch, best_rouge: what last.pt resumes
+    bucket: int                # training lengths are padded to a multiple of it (compiled: a few shapes)
 
 
 def load_run(args, stop=None):
@@ -245,7 +249,7 @@ def load_run(args, stop=None):
     if args.resume:
         saved = checkpoint.read(out / "last.pt")
         config.check_resume(saved["args"], args, out / "last.pt")
-    tokenizer = config.tokenizer_for(args.student)  # the same as the teacher's (checked at the door)
+    tokenizer = config.tokenizer_for(args.student, args.toy_vocab, args.teacher if args.mode == "kd" else None)
     records = data.load_split(args.data, "train", args.data_dir)
     too_few = lambda n: SystemExit(f"error: {n} training examples do not fill one batch of {args.batch_size}")
     if len(records[: args.train_examples]) < args.batch_size:
@@ -272,15 +276,20 @@ def load_run(args, stop=None):
         raise too_few(len(train_set))
     student = lora.add(student, args.lora_rank, args.lora_alpha) if args.lora_rank else student  # frozen, but A, B
     student.checkpointing = args.activation_checkpointing
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    if args.compile:  # the step's forwards: one graph per length bucket (printed after the loop)
+        for model in filter(None, (student, teacher)):
+            model.compiled_blocks = [torch.compile(block, dynamic=False) for block in model.blocks]
     student = distributed.Student(student.train(), args, device, world_size)  # .trained: what the loop calls
-    optimizer = optimizer_for(student.trained, args.lr, args.weight_decay)
+    optimizer = optimizer_for(student.trained, args.lr, args.weight_decay, fused=device.type == "cuda")
     state = {"step": 0, "epoch": 0, "best_rouge": -1.0}
     if saved:
         state = checkpoint.restore(saved, out / "last.pt", student, optimizer)
     on_gpu_bf16 = device.type == "cuda" and dtype != torch.float32
     autocast = functools.partial(torch.autocast, "cuda", dtype=dtype) if on_gpu_bf16 else contextlib.nullcontext
+    bucket = max(1, args.max_len // 4) if args.compile else 1
     return Run(rank, world_size, rank == 0, device, autocast, tokenizer, student, teacher, optimizer,
-               train_set, (valid, valid_set), state)
+               train_set, (valid, valid_set), state, bucket)
 
 
 def load_model(name, dtype, device, vocab_size=257):
@@ -290,13 +299,13 @@ def load_model(name, dtype, device, vocab_size=257):
     return GPT.from_pretrained(name, dtype=dtype, device=device)
 
 
-def optimizer_for(model, lr, weight_decay):
+def optimizer_for(model, lr, weight_decay, fused=False):
     """AdamW on what trains, with weight decay except on biases and norms (by name: FSDP shards shapes)."""
     no_decay = lambda name: name.endswith(".bias") or ".ln_" in name or "ln_f." in name or "_norm." in name  # q/k norms
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in params if not no_decay(n)], "weight_decay": weight_decay},
               {"params": [p for n, p in params if no_decay(n)], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)  # fused: one kernel for all tensors (GPU)
 
 
 def cosine_lr(step, total_steps, lr, min_lr):
@@ -313,18 +322,6 @@ def epoch_order(n_examples, epoch, seed, rank, world_size):
                                                   shuffle=True, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
     return list(sampler)
-
-
-def micro_batches_of(examples, kd_examples, micro_batch_size, pad_id, device):
-    """This process's examples of one step -> [(batch, kd_batch)] per micro-batch, each (input_ids,
-    attention_mask, labels); kd_batch: the batch itself, or on-policy the student's own responses."""
-    collate = lambda chunk: tuple(t.to(device) for t in data.collate_train(chunk, pad_id))
-    micro_batches = []
-    for j in range(0, len(examples), micro_batch_size):
-        batch = collate(examples[j:j + micro_batch_size])
-        kd_batch = batch if kd_examples is examples else collate(kd_examples[j:j + micro_batch_size])
-        micro_batches.append((batch, kd_batch))
-    return micro_batches
 
 
 # --- main -----------------------------------------------------------------------------------------

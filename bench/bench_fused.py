@@ -1,21 +1,27 @@
 """What fusing the output head into the KD loss saves (#23): extra peak memory of head + loss +
-backward, as a multiple of one float32 (B*T, V) logits tensor, and the time, fused against today's
-path, for each objective, on this CPU.
+backward, as a multiple of one float32 (B*T, V) logits tensor, and the time against the unfused path,
+for each objective and for two peers, on this CPU.
 
     python bench/bench_fused.py                      # a Qwen-like shape: H 896, V 151,936, 4,096 tokens
-    python bench/bench_fused.py --losses fkl,rkl
+    python bench/bench_fused.py --losses fkl,rkl --impls chunked,fused
+    pip install -r requirements-bench.txt            # the peers: liger (JSD), torchtune (FKL)
 
-Both start from the student's and teacher's last hidden states and head weights (what the models
-hold anyway). "today" = the head's logits for both models, then losses.distill_loss_chunked (what
-train.py runs); "fused" = losses.fused_distill_loss. Each case runs in a fresh process (peak RSS is
-per process). The student head's weight gradient (V x H floats) is part of both: with H = 896 and
-4,096 tokens it is 0.22 of one logits tensor, so the ratio means something only where B*T is several
-times H.
+Every case starts from the student's and teacher's last hidden states and head weights (what the
+models hold anyway) and runs in a fresh process (peak RSS is per process):
+  plain     the heads' logits, then losses.distill_loss (the readable form, plain autograd)
+  chunked   the heads' logits, then losses.distill_loss_chunked (train.py --no-fused-loss; until #23)
+  fused     losses.fused_distill_loss (what train.py runs)
+  frozen    the same with the student's head frozen, as in a LoRA student: no (V, H) weight gradient
+  liger     Liger's LigerFusedLinearJSDLoss, its pure-torch chunked path (compiled=False: its Triton
+            kernels do not run on CPU), default chunk of 1,024 rows; JSD only
+  torchtune torchtune's ForwardKLWithChunkedOutputLoss on 8 chunks of output logits, as its KD recipes
+            make them (each chunk's logits from the head); FKL only
+The student head's weight gradient (V x H floats) is part of all but `frozen`: with H = 896 and 4,096
+tokens it is 0.22 of one logits tensor, so the ratio means something only where B*T is several times H.
 """
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -24,31 +30,53 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import losses  # noqa: E402
-from bench_losses import rss_bytes  # noqa: E402  (this folder is the script's: on the path)
+from bench_losses import peak_bytes, reset_peak, rss_bytes  # noqa: E402  (this folder is on the path)
+
+
+def peer_loss(impl):
+    """The peers' losses, imported from their files (torchtune's package __init__ pulls in datasets etc.)."""
+    if impl == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        return LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, temperature=2.0, compiled=False)
+    import importlib.util
+    where = os.path.join(os.path.dirname(importlib.util.find_spec("torchtune").origin), "modules", "loss", "kd_losses.py")
+    spec = importlib.util.spec_from_file_location("torchtune_kd_losses", where)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ForwardKLWithChunkedOutputLoss(num_output_chunks=8)
 
 
 def measure_one(name, impl, N, H, V):
-    """Runs in a child process: prints {"extra": bytes, "seconds": s}."""
+    """Runs in a child process: prints {"extra": bytes, "seconds": s, "loss": value}."""
     torch.manual_seed(0)
     student_hidden = torch.randn(1, N, H, requires_grad=True)
-    head = (torch.randn(V, H) / H**0.5).requires_grad_()
-    teacher_hidden, teacher_head = torch.randn(1, N, H), torch.randn(V, H) / H**0.5
+    head = torch.randn(V, H).div_(H**0.5).requires_grad_(impl != "frozen")
+    teacher_hidden, teacher_head = torch.randn(1, N, H), torch.randn(V, H).div_(H**0.5)
     labels = torch.randint(0, V, (1, N))
     labels[:, : N // 8] = -100  # a prompt
+    loss_fn = peer_loss(impl) if impl in ("liger", "torchtune") else None
+    reset_peak()
     before = rss_bytes()
     start = time.perf_counter()
-    if impl == "fused":
+    if impl in ("fused", "frozen"):
         loss, _, _ = losses.fused_distill_loss(name, student_hidden, head, teacher_hidden, teacher_head, labels,
                                                tau=2.0)
+    elif impl == "liger":
+        loss = loss_fn(student_hidden.view(N, H), head, teacher_hidden.view(N, H), teacher_head, labels.view(N))
+    elif impl == "torchtune":  # its recipes' logits: one (B, T/8, V) tensor per chunk of positions
+        student_chunks = [chunk @ head.t() for chunk in student_hidden.chunk(8, dim=1)]
+        with torch.no_grad():
+            teacher_chunks = [chunk @ teacher_head.t() for chunk in teacher_hidden.chunk(8, dim=1)]
+        loss = loss_fn(student_chunks, teacher_chunks, labels)
     else:
         student_logits = student_hidden @ head.t()                   # (1, N, V)
         with torch.no_grad():
             teacher_logits = teacher_hidden @ teacher_head.t()
-        loss = losses.distill_loss_chunked(name, student_logits, teacher_logits, labels, tau=2.0, reduction="sum")
+        loss_fn = losses.distill_loss if impl == "plain" else losses.distill_loss_chunked
+        loss = loss_fn(name, student_logits, teacher_logits, labels, tau=2.0, reduction="sum")
     loss.backward()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"extra": peak - before, "seconds": seconds, "loss": float(loss)}))
+    print(json.dumps({"extra": peak_bytes() - before, "seconds": seconds, "loss": float(loss)}))
 
 
 def main():
@@ -57,6 +85,8 @@ def main():
     p.add_argument("--N", type=int, default=4096, help="response tokens (B*T)")
     p.add_argument("--H", type=int, default=896)
     p.add_argument("--V", type=int, default=151936)
+    p.add_argument("--impls", default="chunked,fused,frozen", help="of: plain, chunked, fused, frozen, liger, "
+                   "torchtune (chunked is the time baseline: always include it)")
     p.add_argument("--one", nargs=2, metavar=("LOSS", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -64,19 +94,26 @@ def main():
     logits_bytes = args.N * args.V * 4
     print(f"N={args.N} H={args.H} V={args.V}: one float32 logits tensor = {logits_bytes / 2**30:.2f} GiB; the head's "
           f"weight gradient = {args.V * args.H * 4 / logits_bytes:.2f} of it")
-    print("| objective | today (head + chunked loss): extra peak / logits | fused: extra peak / logits | "
-          "time fused / today | same loss |")
-    print("|---|---|---|---|---|")
+    impls = args.impls.split(",")
+    print("| objective | " + " | ".join(f"{impl}: extra peak / logits" for impl in impls)
+          + " | " + " | ".join(f"time {impl} / chunked" for impl in impls if impl != "chunked") + " |")
+    print("|---" * (1 + 2 * len(impls) - ("chunked" in impls)) + "|")
     for name in args.losses.split(","):
         result = {}
-        for impl in ("today", "fused"):
+        for impl in impls:
+            if (impl == "liger" and name != "js") or (impl == "torchtune" and name != "fkl"):
+                continue  # each peer has one objective
             cmd = [sys.executable, __file__, "--one", name, impl, "--N", str(args.N), "--H", str(args.H),
                    "--V", str(args.V)]
-            result[impl] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-        same = abs(result["fused"]["loss"] - result["today"]["loss"]) <= 1e-4 * abs(result["today"]["loss"])
-        print(f"| {name} | {result['today']['extra'] / logits_bytes:.2f}x | {result['fused']['extra'] / logits_bytes:.2f}x"
-              f" | {result['fused']['seconds'] / result['today']['seconds']:.2f} | {'yes' if same else 'NO'} |",
-              flush=True)
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode:
+                raise SystemExit(f"error: {name} {impl} failed: {run.stderr.strip().splitlines()[-1]}")
+            result[impl] = json.loads(run.stdout)
+        cell = lambda impl, value: value if impl in result else "-"
+        memory = [cell(i, f"{result.get(i, {}).get('extra', 0) / logits_bytes:.2f}x") for i in impls]
+        times = [cell(i, f"{result.get(i, {}).get('seconds', 0) / result['chunked']['seconds']:.2f}")
+                 for i in impls if i != "chunked"]
+        print(f"| {name} | " + " | ".join(memory) + " | " + " | ".join(times) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -125,8 +125,10 @@ CASES = [
     ("train", lambda w: train_argv(w, "--eval-seeds", "10,x"),
      "--eval-seeds must be comma-separated integers"),
     ("train", lambda w: train_argv(w, "--out", str(w / "a-file" / "run")), "cannot write there"),
-    ("train", lambda w: train_argv(w, "--teacher", str(w / "bpe-teacher-model")),
+    ("train", lambda w: train_argv(w, "--teacher", str(w / "bpe-teacher-model"), "--student", str(w / "teacher")),
      "incompatible vocabularies"),
+    ("train", lambda w: train_argv(w, "--teacher", str(w / "bpe-teacher-model")),  # toy-tiny takes its tokenizer
+     "has 257 output ids, fewer than its tokenizer's 438"),
     ("train", lambda w: train_argv(w, "--resume"), "--resume, but"),
     ("train", lambda w: train_argv(w, "--resume", "--out", str(w / "resume")),
      "is not a readable checkpoint"),
@@ -209,7 +211,7 @@ def test_bad_input_stops_at_the_door_with_one_line(entry, argv, names, world, tm
     assert not (world / "never").exists(), "nothing is written for a refused command"
 
 
-@pytest.mark.parametrize("env, names", [(dict(PRESET="nope"), "PRESET must be gpt2, opt, toy, qwen2.5"),
+@pytest.mark.parametrize("env, names", [(dict(PRESET="nope"), "PRESET must be gpt2, opt, toy, toy-bytes, qwen2.5"),
                                         (dict(LOSSES="fkl kl"), "LOSSES: unknown objective 'kl'"),
                                         (dict(TAUS="1 0"), "TAUS: '0' is not a number > 0"),
                                         (dict(TAUS="1 x"), "TAUS: 'x' is not a number > 0"),

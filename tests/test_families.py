@@ -147,7 +147,7 @@ def test_eos_may_be_a_list_and_is_written_back(family_dir, tmp_path):
 
 def test_a_teacher_wider_than_the_shared_tokenizer_distils_over_its_ids_also_on_two_processes(tmp_path,
                                                                                               monkeypatch):
-    """A teacher with 300 output rows, a student with 257, one byte tokenizer (257 tokens): KD compares
+    """A teacher with 300 output rows and a from-scratch student (as wide), one byte tokenizer (257 tokens): KD compares
     both distributions over the 257 ids (the padding rows, made the teacher's likeliest here, are cut
     before tau), trains, and 2 gloo processes give the weights of 1. A narrower model is refused."""
     import data
@@ -168,7 +168,7 @@ def test_a_teacher_wider_than_the_shared_tokenizer_distils_over_its_ids_also_on_
     monkeypatch.setattr(train, "fused_distill_loss", lambda name, s, head, t, teacher_head, *a, **k: widths.append(
         (head.shape[0], teacher_head.shape[0], k["n_ids"])) or fused(name, s, head, t, teacher_head, *a, **k))
     train.main([*common, "--out", str(tmp_path / "one")])
-    assert set(widths) == {(257, 300, 257)}
+    assert set(widths) == {(300, 300, 257)}  # the student takes the teacher's tokenizer and its 300 rows
     run_torchrun(2, [*common, "--out", str(tmp_path / "two")], tmp_path)
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)

@@ -151,7 +151,8 @@ def test_the_training_step_is_the_same_fused_and_from_logits(name, tied):
     student, teacher = models(tied)
     on, kd_on = batch(1), batch(2, T=12)
     for tau, kd_ratio, kd_batch in ((1.0, 1.0, on), (3.0, 0.6, on), (2.0, 0.5, kd_on)):
-        args = types.SimpleNamespace(loss=name, tau=tau, tau_sq=False, kd_ratio=kd_ratio, **dict.fromkeys(HPARAMS))
+        args = types.SimpleNamespace(loss=name, tau=tau, tau_sq=False, kd_ratio=kd_ratio, compile=False,
+                                     **dict.fromkeys(HPARAMS))
         results = []
         for fused in (True, False):
             args.fused_loss = fused
@@ -170,7 +171,7 @@ def test_sft_step_is_the_same_fused_and_from_logits():
     import train
     student, _ = models(tied=False)
     from losses import HPARAMS
-    args = types.SimpleNamespace(loss="fkl", tau=1.0, tau_sq=False, kd_ratio=1.0, **dict.fromkeys(HPARAMS))
+    args = types.SimpleNamespace(loss="fkl", tau=1.0, tau_sq=False, kd_ratio=1.0, compile=False, **dict.fromkeys(HPARAMS))
     sft_batch, results = batch(1), []
     for fused in (True, False):
         args.fused_loss = fused

@@ -98,10 +98,10 @@ def test_two_toy_main_commands_at_once_make_each_stage_once(tmp_path):
     """The toy stages (a tiny teacher and warm start here) are made by one process; the other waits,
     then uses them."""
     small = ["--valid-examples", "2", "--valid-max-new-tokens", "4"]
-    stages = {"runs/toy/teacher": ["--mode", "sft", "--student", "toy-tiny", "--lr", "1e-2", "--epochs", "4",
-                                   "--batch-size", "8", "--train-examples", "16", "--log-every", "1", *small],
-              "runs/toy/student-init": ["--mode", "sft", "--student", "toy-tiny", "--epochs", "1", "--batch-size",
-                                        "16", "--train-examples", "32", *small]}
+    stages = {"teacher": ["--mode", "sft", "--student", "toy-tiny", "--lr", "1e-2", "--epochs", "4", "--batch-size",
+                          "8", "--train-examples", "16", "--log-every", "1", *small],
+              "student-init": ["--mode", "sft", "--student", "toy-tiny", "--epochs", "1", "--batch-size", "16",
+                               "--train-examples", "32", *small]}
     code = ("import sys, toy, train; toy.STAGES = " + repr(stages) + "; train.main(sys.argv[1:])")
     argv = ["--preset", "toy", "--loss", "fkl", "--tau", "3", "--batch-size", "16", "--valid-examples", "2",
             "--valid-max-new-tokens", "4", "--train-examples", "64", "--eval-benchmarks", ""]

@@ -79,7 +79,7 @@ def test_a_lora_run_trains_only_a_and_b_resumes_exactly_and_runs_on_policy(tmp_p
     straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "cut")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     torch.manual_seed(1)  # the student's initialisation (--seed 1), before its adapters
-    start = train.load_model("toy-tiny", torch.float32, "cpu").state_dict()
+    start = train.load_model("toy-tiny", torch.float32, "cpu", straight["tok_emb.weight"].shape[0]).state_dict()
     for key, value in straight.items():
         if ".lora.A." in key or ".lora.B." in key:
             assert not torch.equal(value, start.get(key, torch.zeros_like(value))), key

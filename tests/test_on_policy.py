@@ -68,7 +68,7 @@ def test_ratio_one_takes_kd_only_on_the_students_sampled_tokens(tmp_path, monkey
                         "--micro-batch-size", "4"),
                 "--out", str(out)])
     assert len(generated) == 3 and len(kd_calls) == 6  # one sampling per step, KD per micro-batch
-    eos = data.byte_tokenizer().eos_id
+    eos = data.load_tokenizer(str(teacher)).eos_id  # the toy BPE's
     for step, (prompts, rows) in enumerate(generated):
         for half in range(2):
             labels = kd_calls[2 * step + half]

@@ -39,7 +39,7 @@ def weights(run_dir):
 def assert_trained(state, seed=1, size="toy-tiny"):
     """The weights moved away from the student's initialisation (train.py seeds it with --seed)."""
     torch.manual_seed(seed)
-    start = train.load_model(size, torch.float32, "cpu").state_dict()
+    start = train.load_model(size, torch.float32, "cpu", state["tok_emb.weight"].shape[0]).state_dict()
     assert all(not torch.equal(state[k], v) for k, v in start.items() if k.endswith(".weight")), \
         "a layer never moved"
 
@@ -115,10 +115,10 @@ def test_toy_preset_end_to_end(tmp_path, monkeypatch):
     preset = dict(config.PRESETS["toy"], train_examples=64, valid_examples=4, eval_seeds="10,20")
     monkeypatch.setitem(config.PRESETS, "toy", preset)
     monkeypatch.setattr(toy, "STAGES", {
-        "runs/toy/teacher": ["--mode", "sft", "--student", "toy-tiny", "--lr", "1e-2", "--epochs", "40",
-                             "--batch-size", "8", "--train-examples", "16"],
-        "runs/toy/student-init": ["--mode", "sft", "--student", "toy-tiny", "--lr", "3e-3", "--epochs", "1",
-                                  "--batch-size", "16", "--train-examples", "32"]})
+        "teacher": ["--mode", "sft", "--student", "toy-tiny", "--lr", "1e-2", "--epochs", "40", "--batch-size", "8",
+                    "--train-examples", "16"],
+        "student-init": ["--mode", "sft", "--student", "toy-tiny", "--lr", "3e-3", "--epochs", "1", "--batch-size",
+                         "16", "--train-examples", "32"]})
     monkeypatch.setattr(toy, "SPLITS", dict(toy.SPLITS, test=6, **{"test-hard": 6}))
     train.main(["--preset", "toy", "--loss", "fkl", "--tau", "3", "--batch-size", "16",
                 "--valid-max-new-tokens", "8"])
@@ -171,10 +171,10 @@ def test_errors_before_any_work(tmp_path, monkeypatch):
     write_bpe(tmp_path / "bpe")
     for f in ("vocab.json", "merges.txt"):
         (other / f).write_bytes((tmp_path / "bpe" / f).read_bytes())
+    tiny_toy_model(tmp_path / "byte-student")  # (a from-scratch student would take the teacher's tokenizer)
     with pytest.raises(SystemExit, match="incompatible vocabularies"):
         train.train(config.parse_args(["--preset", "toy", "--teacher", str(other), "--student",
-                                      "toy-tiny",
-                                      "--out", str(tmp_path / "y")]))
+                                      str(tmp_path / "byte-student"), "--out", str(tmp_path / "y")]))
 
 
 def test_device_cuda_needs_a_gpu_per_process(monkeypatch):
