@@ -105,9 +105,13 @@ def main():
                 continue  # each peer has one objective
             cmd = [sys.executable, __file__, "--one", name, impl, "--N", str(args.N), "--H", str(args.H),
                    "--V", str(args.V)]
-            run = subprocess.run(cmd, capture_output=True, text=True)
+            # glibc otherwise raises its mmap threshold after the first large free and keeps freed chunks
+            # in the heap, so RSS would count memory the process no longer holds
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+            run = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if run.returncode:
-                raise SystemExit(f"error: {name} {impl} failed: {run.stderr.strip().splitlines()[-1]}")
+                why = (run.stderr.strip().splitlines() or [f"killed by signal {-run.returncode} (out of memory?)"])[-1]
+                raise SystemExit(f"error: {name} {impl} failed: {why}")
             result[impl] = json.loads(run.stdout)
         cell = lambda impl, value: value if impl in result else "-"
         memory = [cell(i, f"{result.get(i, {}).get('extra', 0) / logits_bytes:.2f}x") for i in impls]

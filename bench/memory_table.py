@@ -15,8 +15,9 @@ micro-batch, V the vocabulary, H / L / F / D the student's width, layers, MLP wi
                fused: ~8 MB chunks, and the head's (V, H) fp32 weight gradient unless the head is frozen
   activations  N L a bytes, a = what autograd keeps per token and layer (activation_words below: the
                norms' inputs, the projections' inputs, q/k/v and attention's output, the MLP's hidden
-               activations) x 2 bytes in bf16 (4 on CPU); checkpointing keeps only each block's fp32 input
-               (4 H) plus one block's activations during its recomputation.
+               activations) x 2 bytes in bf16 (4 on CPU), plus one block's worth (N a) for the gradients
+               backward holds while it crosses a block; checkpointing keeps only each block's fp32 input
+               (4 H) and adds one block's recomputed activations.
 """
 import argparse
 import json
@@ -86,12 +87,15 @@ def kd_step_bytes(student, teacher_params, tokens, fused, lora_rank, checkpointi
     cfg, P = student.cfg, sum(p.numel() for p in student.parameters())
     trainable = lora_parameters(cfg, lora_rank) if lora_rank else P
     per_layer = 4 * cfg.n_embd if checkpointing else act_bytes * activation_words(cfg)
-    recompute = act_bytes * activation_words(cfg) * tokens if checkpointing else 0
+    one_block = act_bytes * activation_words(cfg) * tokens
+    # backward holds one block's gradients of its activations at a time, and checkpointing one block's
+    # recomputed activations on top
+    transient = one_block * (2 if checkpointing else 1)
     head = 0 if lora_rank else 4 * cfg.vocab_size * cfg.n_embd
     logits = (CHUNK_BYTES + head) if fused else UNFUSED_LOGITS * 4 * tokens * cfg.vocab_size
     return {"weights": weight_bytes[0] * P + weight_bytes[1] * teacher_params + 4 * (trainable if lora_rank else 0),
             "training": 12 * trainable, "logits": logits,
-            "activations": tokens * cfg.n_layer * per_layer + recompute}
+            "activations": tokens * cfg.n_layer * per_layer + transient}
 
 
 SETTINGS = {"full, unfused (until #23)": (False, 0, False), "full, fused": (True, 0, False),
@@ -172,7 +176,8 @@ def check(B, T):
         rank = min(rank, 8)
         cmd = [sys.executable, __file__, "--one", str(int(fused)), str(rank), str(int(ckpt)), "--B", str(B),
                "--T", str(T)]
-        run = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # RSS = what is held (bench_fused.py says why)
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if run.returncode:
             raise SystemExit(f"error: {setting}: {run.stderr.strip().splitlines()[-1]}")
         r = json.loads(run.stdout)
