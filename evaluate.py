@@ -427,6 +427,44 @@ def compare(runs_dirs, names, objectives=("fkl", "rkl"), eval_name="eval", out_d
     return table
 
 
+def over_teachers(runs_dirs, names, eval_name="eval", out_dir=None):
+    """Do the claims survive a new teacher? runs_dirs: one FKL/RKL grid per teacher (the same warm
+    start and training seeds). Each teacher's best τ of FKL and of RKL is chosen on its own runs; the
+    comparisons are paired per training seed, per teacher and pooled over teacher x seed (mean ± std,
+    and how many pairs agree with the paper). Writes teachers.md to out_dir when given."""
+    per_teacher, pooled = [], {}
+    for i, runs_dir in enumerate(runs_dirs):
+        runs = [r for r in collect_runs(runs_dir, eval_name) if r[1].get("mode") != "sft"]
+        benchmarks = sorted({b for _, _, results in runs for b in results})
+        by_seed = scores_by_seed(runs, [b for b in PAPER_AVERAGE if b in benchmarks] or benchmarks)
+        best = {o: max(sorted(t for obj, t in by_seed if obj == o), key=lambda t: statistics.fmean(
+            by_seed[(o, t)].values())) for o in ("fkl", "rkl") if (o, 1.0) in by_seed}
+        if len(best) < 2:
+            raise FileNotFoundError(f"{runs_dir}: no FKL and RKL runs at τ = 1")
+        comparisons = {"RKL − FKL at τ = 1 (claim 1)": (by_seed[("rkl", 1.0)], by_seed[("fkl", 1.0)]),
+                       "FKL at its best τ − RKL at its best τ (claim 2)": (by_seed[("fkl", best["fkl"])],
+                                                                          by_seed[("rkl", best["rkl"])]),
+                       "FKL: best τ − τ = 1": (by_seed[("fkl", best["fkl"])], by_seed[("fkl", 1.0)]),
+                       "RKL: best τ − τ = 1": (by_seed[("rkl", best["rkl"])], by_seed[("rkl", 1.0)])}
+        per_teacher.append((names[i], best, {k: paired(a, b) for k, (a, b) in comparisons.items()}))
+        for k, (a, b) in comparisons.items():
+            pooled.setdefault(k, ({}, {}))
+            pooled[k][0].update({(i, seed): v for seed, v in a.items()})
+            pooled[k][1].update({(i, seed): v for seed, v in b.items()})
+    keys = list(pooled)
+    lines = [f"## The claims over {len(runs_dirs)} teachers ({eval_name}; each teacher's best τ chosen on its own "
+             "runs; paired per training seed)", "",
+             "| teacher | best τ FKL | best τ RKL | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
+    for name, best, diffs in per_teacher:
+        lines.append(f"| {name} | {best['fkl']:g} | {best['rkl']:g} | " + " | ".join(diffs[k] for k in keys) + " |")
+    lines.append("| pooled, teacher × seed | | | " + " | ".join(paired(*pooled[k]) for k in keys) + " |")
+    table = "\n".join(lines).replace("seeds > 0", "pairs > 0")
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "teachers.md").write_text(table + "\n")
+    return table
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
@@ -453,6 +491,22 @@ def main(argv=None):
         except ValueError:
             checks.fail(f"--taus: {args.taus!r} is not a comma-separated list of numbers")
         print(compare(args.runs_dirs, names, objectives, args.eval_name, args.out, taus))
+        return
+    if argv[:1] == ["teachers"]:
+        parser = argparse.ArgumentParser(prog="evaluate.py teachers",
+                                         description="the claims over several teachers' FKL/RKL grids")
+        parser.add_argument("runs_dirs", nargs="+", help="one grid per teacher")
+        parser.add_argument("--names", help="one label per teacher, comma-separated (default: the directories)")
+        parser.add_argument("--eval-name", default="eval", help="e.g. eval-greedy")
+        parser.add_argument("--out", help="where teachers.md goes")
+        args = parser.parse_args(argv[1:])
+        for runs_dir in args.runs_dirs:
+            if not os.path.isdir(runs_dir):
+                checks.fail(f"{runs_dir}: no such directory of runs")
+        names = args.names.split(",") if args.names else args.runs_dirs
+        if len(names) != len(args.runs_dirs):
+            checks.fail(f"--names gives {len(names)} labels for {len(args.runs_dirs)} grids")
+        print(over_teachers(args.runs_dirs, names, args.eval_name, args.out))
         return
     if argv[:1] == ["summarize"]:
         parser = argparse.ArgumentParser(prog="evaluate.py summarize",

@@ -109,6 +109,34 @@ def test_summarize_checks_the_claims_with_per_seed_paired_differences(tmp_path):
     assert "4. best τ (paper: 2.5-3.5): fkl 2, rkl 1" in table
 
 
+def fake_grid(root, scores):
+    """Runs with args.json and best/eval/results.json only: {(loss, tau): [score per seed 1, 2, ...]}."""
+    for (loss, tau), per_seed in scores.items():
+        for seed, value in enumerate(per_seed, 1):
+            run = root / f"{loss}-tau{tau:g}-seed{seed}"
+            (run / "best" / "eval").mkdir(parents=True)
+            (run / "args.json").write_text(json.dumps({"loss": loss, "tau": tau, "mode": "kd", "seed": seed}))
+            (run / "best" / "eval" / "results.json").write_text(json.dumps(
+                {"benchmarks": {"toy": {"scores": {"10": value - 1, "20": value + 1}, "mean": 0, "std": 0, "n": 1}}}))
+
+
+def test_the_claims_over_teachers_pick_each_teachers_best_tau_and_pool_teacher_by_seed_pairs(tmp_path):
+    fake_grid(tmp_path / "a", {("fkl", 1.0): [20, 22], ("fkl", 2.0): [30, 26], ("fkl", 3.0): [25, 25],
+                               ("rkl", 1.0): [25, 23], ("rkl", 2.0): [24, 24]})
+    fake_grid(tmp_path / "b", {("fkl", 1.0): [21, 21], ("fkl", 2.0): [22, 22], ("fkl", 3.0): [27, 25],
+                               ("rkl", 1.0): [20, 26], ("rkl", 2.0): [26, 28]})
+    table = evaluate.over_teachers([str(tmp_path / "a"), str(tmp_path / "b")], ["a", "b"], out_dir=tmp_path)
+    # by hand: a: best tau FKL 2, RKL 1; claim 1 (RKL - FKL at 1) = 5, 1; claim 2 = 30-25, 26-23 = 5, 3
+    #          b: best tau FKL 3, RKL 2; claim 1 = -1, 5; claim 2 = 27-26, 25-28 = 1, -3
+    # pooled claim 1: 5, 1, -1, 5 -> mean 2.5, sample std 3.0, 3 of 4 > 0; claim 2: 5, 3, 1, -3 -> 1.5, 3.42, 3 of 4
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["a"].startswith("| a | 2 | 1 | +3.00 ± 2.83 (2 of 2 pairs > 0) | +4.00 ± 1.41 (2 of 2 pairs > 0)")
+    assert rows["b"].startswith("| b | 3 | 2 | +2.00 ± 4.24 (1 of 2 pairs > 0) | -1.00 ± 2.83 (1 of 2 pairs > 0)")
+    assert rows["pooled, teacher × seed"].startswith(
+        "| pooled, teacher × seed | | | +2.50 ± 3.00 (3 of 4 pairs > 0) | +1.50 ± 3.42 (3 of 4 pairs > 0)")
+    assert (tmp_path / "teachers.md").read_text().strip() == table
+
+
 def test_compare_puts_grids_side_by_side_with_paired_gains(tmp_path):
     grids = {"off": {("fkl", 1.0): [20, 22, 21], ("fkl", 2.0): [30, 26, 28],
                      ("rkl", 1.0): [25, 23, 27]},
