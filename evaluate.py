@@ -465,24 +465,35 @@ def over_teachers(runs_dirs, names, eval_name="eval", out_dir=None):
     return table
 
 
+def _grids_parser(command, description, writes):
+    """The command line of a subcommand that reads several grids of runs."""
+    parser = argparse.ArgumentParser(prog=f"evaluate.py {command}", description=description)
+    parser.add_argument("runs_dirs", nargs="+")
+    parser.add_argument("--names", help="one label per grid, comma-separated (default: the directories)")
+    parser.add_argument("--eval-name", default="eval", help="e.g. eval-greedy")
+    parser.add_argument("--out", help=f"where {writes} go")
+    return parser
+
+
+def _grid_names(args):
+    """The grids' labels, after checking that every grid is a directory and each has one label."""
+    for runs_dir in args.runs_dirs:
+        if not os.path.isdir(runs_dir):
+            checks.fail(f"{runs_dir}: no such directory of runs")
+    names = args.names.split(",") if args.names else args.runs_dirs
+    if len(names) != len(args.runs_dirs):
+        checks.fail(f"--names gives {len(names)} labels for {len(args.runs_dirs)} grids")
+    return names
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
-        parser = argparse.ArgumentParser(prog="evaluate.py compare",
-                                         description="several grids side by side, by tau")
-        parser.add_argument("runs_dirs", nargs="+")
-        parser.add_argument("--names", help="one label per grid, comma-separated (default: the directories)")
+        parser = _grids_parser("compare", "several grids side by side, by tau", "compare.md and compare.png")
         parser.add_argument("--objectives", default="fkl,rkl")
-        parser.add_argument("--eval-name", default="eval", help="e.g. eval-greedy")
         parser.add_argument("--taus", help="only these τ values, comma-separated (default: all)")
-        parser.add_argument("--out", help="where compare.md and compare.png go")
         args = parser.parse_args(argv[1:])
-        for runs_dir in args.runs_dirs:
-            if not os.path.isdir(runs_dir):
-                checks.fail(f"{runs_dir}: no such directory of runs")
-        names = args.names.split(",") if args.names else args.runs_dirs
-        if len(names) != len(args.runs_dirs):
-            checks.fail(f"--names gives {len(names)} labels for {len(args.runs_dirs)} grids")
+        names = _grid_names(args)
         objectives = args.objectives.split(",")
         if unknown := [o for o in objectives if o not in LOSSES]:
             checks.fail(f"--objectives: unknown objective {unknown[0]!r}")
@@ -493,20 +504,10 @@ def main(argv=None):
         print(compare(args.runs_dirs, names, objectives, args.eval_name, args.out, taus))
         return
     if argv[:1] == ["teachers"]:
-        parser = argparse.ArgumentParser(prog="evaluate.py teachers",
-                                         description="the claims over several teachers' FKL/RKL grids")
-        parser.add_argument("runs_dirs", nargs="+", help="one grid per teacher")
-        parser.add_argument("--names", help="one label per teacher, comma-separated (default: the directories)")
-        parser.add_argument("--eval-name", default="eval", help="e.g. eval-greedy")
-        parser.add_argument("--out", help="where teachers.md goes")
+        parser = _grids_parser("teachers", "the claims over several teachers' FKL/RKL grids (one grid each)",
+                               "teachers.md")
         args = parser.parse_args(argv[1:])
-        for runs_dir in args.runs_dirs:
-            if not os.path.isdir(runs_dir):
-                checks.fail(f"{runs_dir}: no such directory of runs")
-        names = args.names.split(",") if args.names else args.runs_dirs
-        if len(names) != len(args.runs_dirs):
-            checks.fail(f"--names gives {len(names)} labels for {len(args.runs_dirs)} grids")
-        print(over_teachers(args.runs_dirs, names, args.eval_name, args.out))
+        print(over_teachers(args.runs_dirs, _grid_names(args), args.eval_name, args.out))
         return
     if argv[:1] == ["summarize"]:
         parser = argparse.ArgumentParser(prog="evaluate.py summarize",
