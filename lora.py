@@ -56,3 +56,15 @@ def add(model, rank, alpha):
             linear.lora = LoRA(linear.weight.shape[0], spans, rank, alpha).to(linear.weight.device)
     model.lora_settings = (rank, alpha)  # what a copy of the model needs to load its state (distributed.py)
     return model
+
+
+def merged_state(model):
+    """model's state dict with each LoRA update merged into its weight, A and B left out (what
+    save_pretrained writes); a model without LoRA: its state dict."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if ".lora." not in name:
+            merge = getattr(owner, "lora", None) is not None and name.endswith(".weight")
+            state[name] = tensor + owner.lora.delta(tensor.shape[1]).to(tensor.dtype) if merge else tensor
+    return state

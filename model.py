@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+import lora
 from files import atomic_write
 from hf_files import read_tensors, resolve_checkpoint, weight_files
 
@@ -86,7 +87,6 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out)) if bias else None
-
         self.lora = None  # a LoRA student's low-rank update (lora.py)
 
     def forward(self, x):  # (..., in) -> (..., out)
@@ -222,9 +222,8 @@ class GPT(nn.Module):
         """input_ids (B, T) -> float32 logits (B, T, V). attention_mask (B, S) is 1 on real tokens
         and covers the cache and the new tokens (S = cache_pos + T). Positions count real tokens
         only, so a left- or right-padded row gets the same logits as the unpadded one. last_only:
-        logits of the last position only (sampling). head: a function (hidden (B, T, E), head weight
-        (V, E)) -> anything, returned instead of the logits: training's fused loss, which makes the
-        logits chunk by chunk (train.py: loss_step)."""
+        logits of the last position only (sampling). head: fn(hidden (B, T, E), head weight (V, E)),
+        returned instead of the logits (training's fused loss, train.py: loss_step)."""
         (B, T), mask, device = input_ids.shape, None, input_ids.device
         if attention_mask is not None and not bool(attention_mask.all()):
             attention_mask, S = attention_mask.bool(), attention_mask.shape[1]
@@ -247,8 +246,7 @@ class GPT(nn.Module):
             angles = positions[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
             angles = torch.cat((angles, angles), dim=-1)[:, None]            # (B, 1, T, D)
             rope = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        # the training step's forwards (those with a head function) may run compiled blocks: their lengths
-        # come in a few buckets, where sampling's and validation's would recompile for every length
+        # compiled blocks for the training step's forwards only (a head function; lengths in a few buckets)
         blocks = self.compiled_blocks if head is not None and self.compiled_blocks else self.blocks
         for i, block in enumerate(blocks):
             if self.checkpointing and torch.is_grad_enabled() and cache is None:  # keep only each block's input
@@ -258,8 +256,7 @@ class GPT(nn.Module):
         x = self.proj_out(self.ln_f(x[:, -1:] if last_only else x))
         if head is not None:  # called here, inside forward, so that under FSDP the head's weight is gathered
             return head(x, self.head)
-        # CPU speed-up when sampling: the same product, the tall (V, C) head read in slices, which a
-        # CPU GEMM streams faster (25 -> 16 ms a step at B=8)
+        # CPU sampling: the tall (V, C) head read in slices, which a CPU GEMM streams faster (25 -> 16 ms a step)
         if x.shape[1] == 1 and x.device.type == "cpu":
             return torch.cat([F.linear(x, w) for w in self.head.split(1024)], -1).float()
         return F.linear(x, self.head).float()  # (B, T, V), or (B, 1, V)
@@ -304,8 +301,7 @@ class GPT(nn.Module):
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
             mask[:, T0 + step] = True
-            logits = self(token[:, None], mask[:, :T0 + step + 1], cache=cache,
-                          cache_pos=T0 + step, positions=next_pos)[:, -1]
+            logits = self(token[:, None], mask[:, :T0 + step + 1], cache=cache, cache_pos=T0 + step, positions=next_pos)[:, -1]
             next_pos = next_pos + 1
         return torch.stack(new_tokens, 1) if new_tokens else input_ids.new_zeros(B, 0)
 
@@ -314,8 +310,7 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=None, device=None):
         """Load a local Hugging Face directory or a hub id (downloaded into the standard cache)."""
-        pick = lambda files: ["config.json", *weight_files(files, name_or_path)]
-        directory = resolve_checkpoint(name_or_path, pick)
+        directory = resolve_checkpoint(name_or_path, lambda files: ["config.json", *weight_files(files, name_or_path)])
         try:
             cfg = config_from_hf(json.loads(Path(directory, "config.json").read_text()))
         except FileNotFoundError:
@@ -357,12 +352,9 @@ class GPT(nn.Module):
         from safetensors.torch import save_file
         os.makedirs(out_dir, exist_ok=True)
         tensors = {}
-        for name, tensor in self.state_dict().items():
-            if name == "inv_freq" or ".lora." in name:  # a LoRA update is merged into its weight instead
+        for name, tensor in lora.merged_state(self).items():  # a LoRA student's updates merged into its weights
+            if name == "inv_freq":
                 continue
-            owner = self.get_submodule(name.rpartition(".")[0])
-            if getattr(owner, "lora", None) is not None and name.endswith(".weight"):
-                tensor = tensor + owner.lora.delta(tensor.shape[1]).to(tensor.dtype)
             hf_keys = _hf_names(self.cfg, name)
             if name.endswith(TRANSPOSED[self.cfg.model_type]):
                 tensor = tensor.t()
@@ -424,14 +416,11 @@ class _NgramIndex:
 # the output dim (OPT's and Llama's q, k, v; Llama's gate and up).
 _LLAMA_NAMES = {"tok_emb": "embed_tokens", "ln_f": "norm", "lm_head": "lm_head",
                 "blocks.{i}.ln_attn": "layers.{i}.input_layernorm",
-                "blocks.{i}.attn.qkv": ["layers.{i}.self_attn.q_proj", "layers.{i}.self_attn.k_proj",
-                                        "layers.{i}.self_attn.v_proj"],
+                "blocks.{i}.attn.qkv": ["layers.{i}.self_attn.q_proj", "layers.{i}.self_attn.k_proj", "layers.{i}.self_attn.v_proj"],
                 "blocks.{i}.attn.proj": "layers.{i}.self_attn.o_proj",
-                "blocks.{i}.attn.q_norm": "layers.{i}.self_attn.q_norm",
-                "blocks.{i}.attn.k_norm": "layers.{i}.self_attn.k_norm",
+                "blocks.{i}.attn.q_norm": "layers.{i}.self_attn.q_norm", "blocks.{i}.attn.k_norm": "layers.{i}.self_attn.k_norm",
                 "blocks.{i}.ln_mlp": "layers.{i}.post_attention_layernorm",
-                "blocks.{i}.fc_in": ["layers.{i}.mlp.gate_proj", "layers.{i}.mlp.up_proj"],
-                "blocks.{i}.fc_out": "layers.{i}.mlp.down_proj"}
+                "blocks.{i}.fc_in": ["layers.{i}.mlp.gate_proj", "layers.{i}.mlp.up_proj"], "blocks.{i}.fc_out": "layers.{i}.mlp.down_proj"}
 HF_NAMES = {
     "gpt2": {"tok_emb": "wte", "pos_emb": "wpe", "ln_f": "ln_f",
              "blocks.{i}.ln_attn": "h.{i}.ln_1", "blocks.{i}.attn.qkv": "h.{i}.attn.c_attn",
@@ -440,11 +429,9 @@ HF_NAMES = {
     "opt": {"tok_emb": "embed_tokens", "pos_emb": "embed_positions", "ln_f": "final_layer_norm",
             "proj_in": "project_in", "proj_out": "project_out",
             "blocks.{i}.ln_attn": "layers.{i}.self_attn_layer_norm",
-            "blocks.{i}.attn.qkv": ["layers.{i}.self_attn.q_proj", "layers.{i}.self_attn.k_proj",
-                                    "layers.{i}.self_attn.v_proj"],
+            "blocks.{i}.attn.qkv": ["layers.{i}.self_attn.q_proj", "layers.{i}.self_attn.k_proj", "layers.{i}.self_attn.v_proj"],
             "blocks.{i}.attn.proj": "layers.{i}.self_attn.out_proj",
-            "blocks.{i}.ln_mlp": "layers.{i}.final_layer_norm",
-            "blocks.{i}.fc_in": "layers.{i}.fc1", "blocks.{i}.fc_out": "layers.{i}.fc2"},
+            "blocks.{i}.ln_mlp": "layers.{i}.final_layer_norm", "blocks.{i}.fc_in": "layers.{i}.fc1", "blocks.{i}.fc_out": "layers.{i}.fc2"},
     "llama": _LLAMA_NAMES, "qwen2": _LLAMA_NAMES, "qwen3": _LLAMA_NAMES,  # SmolLM2 is model_type llama
 }
 HF_PREFIX = {"gpt2": "transformer.", "opt": "model.decoder.", "llama": "model.", "qwen2": "model.", "qwen3": "model."}
