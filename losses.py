@@ -13,8 +13,8 @@ divergences (>= 0, 0 when p = q).
 
 At the bottom, two memory optimisations compute the same value and gradient: `distill_loss_chunked`
 from the logits with about one extra copy of them instead of several, and `fused_distill_loss` from
-the models' last hidden states and head weights, making the logits chunk by chunk so no (B, T, V)
-tensor exists (what train.py runs; bench/bench_losses.py and bench/bench_fused.py measure them).
+the models' last hidden states and head weights, making the logits a piece at a time (chunks of
+whole rows, or tiles of the vocabulary when it is large) so no (B, T, V) tensor exists (what train.py runs; bench/bench_losses.py and bench/bench_fused.py measure them).
 """
 import math
 
@@ -312,7 +312,7 @@ class _ChunkedSum(torch.autograd.Function):
             raise RuntimeError("backward through distill_loss_chunked/ce_loss twice is not supported")
         grad, ctx.grad = ctx.grad, None
         grad = grad.mul_(grad_output).view(ctx.shape)  # in place: no second logits-sized copy
-        if ctx.dtype != torch.float32:  # saturate, not overflow: fp16 cannot hold |g| > 65504
+        if torch.finfo(ctx.dtype).bits < 32:  # saturate, not overflow: fp16 cannot hold |g| > 65504
             limit = torch.finfo(ctx.dtype).max
             grad = grad.clamp_(-limit, limit).to(ctx.dtype)
         return grad, None, None, None, None, None, None
@@ -337,40 +337,71 @@ def logits_distill_loss(name, student_hidden, student_head, teacher_hidden, teac
 # Memory optimisation, further: the output head fused into the loss (what train.py runs by default)
 #
 # With 128k-152k-token vocabularies the logits, not the weights, decide what fits. fused_distill_loss
-# takes the models' last hidden states and head weights instead of logits: it makes each chunk's logits
-# (the student's and the teacher's), applies tau and the objective, and turns the chunk's gradient into
-# the gradient of the student's hidden states and head weight at once. No (B, T, V) tensor exists.
+# takes the models' last hidden states and head weights instead of logits: it makes the logits a
+# piece at a time (the student's and the teacher's), applies tau and the objective, and turns each
+# piece's gradient into the gradient of the student's hidden states and head weight at once. No
+# (B, T, V) tensor exists.
+#
+# Which pieces: ~8 MB of logits is a chunk of whole rows (response tokens) when the vocabulary is
+# small: 1,024 rows of the toy's 2,048 ids. At 152k ids it would be 13 rows, and a product of 13 rows
+# by the (V, H) head streams the whole head from memory to do little arithmetic - four times a chunk
+# (both models' logits, the two gradients). Then the pieces are tiles of 512 ids for a block of
+# 1,024 rows instead (2 MB), in passes: first each row's log-sum-exps (so a tile's log-probabilities
+# are exact), then the gradient tile by tile. More products in all (6 or 8 head-sized ones where the
+# unfused path makes 4), each large enough to run at the machine's speed (bench/bench_fused.py
+# measures both). Tiles serve the objectives whose value is a sum over the vocabulary of a function
+# of (log p_v, log q_v) (SUMS_OVER_VOCAB); AKL's head and DRKL's target split need whole rows.
+
+SUMS_OVER_VOCAB = ("fkl", "rkl", "sym", "js", "sfkl", "srkl", "ab", "tvd")
+# S = sum_v dKD/dlog q_v per row, where a formula gives it from RKL's value (which the tiled path's
+# first pass adds up as it goes): FKL's is -sum_v p_v = -1; RKL's sum_v q_v (log q_v - log p_v + 1) =
+# RKL + 1; SYM's their mix. It spares the tiled path the pass that would add S up (for the other
+# objectives it needs p and q at every id)
+GRAD_SUM = {"fkl": lambda rkl: -torch.ones_like(rkl), "rkl": lambda rkl: rkl + 1,
+            "sym": lambda rkl, weight=0.5: (1 - weight) * (rkl + 1) - weight}
 
 
 def fused_distill_loss(name, student_hidden, student_head, teacher_hidden, teacher_head, labels, tau=1.0,
-                       n_ids=None, kd_weight=1.0, ce_weight=0.0, tau_sq=False, chunk_size=None, **hparams):
+                       n_ids=None, kd_weight=1.0, ce_weight=0.0, tau_sq=False, chunk_size=None, vocab_tile=None,
+                       **hparams):
     """kd_weight * sum KD + ce_weight * sum CE over the response tokens, from hidden states (B, T, H)
-    and head weights (V, H) of any float dtype; the logits are made chunk by chunk, cut to the
+    and head weights (V, H) of any float dtype; the logits are made a piece at a time, cut to the
     tokenizer's n_ids ids (None: all), in float32. Returns (loss, kd_sum, ce_sum), the last two
     detached, for the log (CE is summed even at ce_weight 0; KD is 0 without a teacher, kd_weight 0).
     Same value and gradient as distill_loss on the full logits (tested); the teacher's side needs no
-    gradient."""
+    gradient. chunk_size: rows a piece; vocab_tile: ids a tile (set: tiles, where the objective allows);
+    both None: chosen as above."""
     hparams = {k: v for k, v in hparams.items() if v is not None}
     check_objective(name, tau, **hparams)
     n_ids = n_ids or student_head.shape[0]
     rows = (labels.reshape(-1) != -100).nonzero()[:, 0]
-    chunk_size = chunk_size or max(1, 2**21 // n_ids)  # ~8 MB of float32 per (chunk, V) temporary
     per_token = lambda log_p, log_q, target: LOSSES[name](log_p, log_q, target, **hparams)
     if teacher_hidden is None or not kd_weight:
         per_token, teacher_hidden, teacher_head = None, student_hidden.detach(), student_head.detach()
+    # ~8 MB of float32 per (chunk, V) temporary and 2 MB tiles on a CPU (its cache); a GPU wants fewer,
+    # larger pieces (kernel launches, not cache, set its speed there; sizes not measured on one)
+    cpu = student_hidden.device.type == "cpu"
+    whole_rows = max(1, (2**21 if cpu else 2**25) // n_ids)
+    if (per_token is None or name in SUMS_OVER_VOCAB) and (vocab_tile or (chunk_size is None and whole_rows < 256)):
+        chunk_size, vocab_tile = chunk_size or (1024 if cpu else 4096), vocab_tile or (512 if cpu else 2048)
+    else:
+        chunk_size, vocab_tile = chunk_size or whole_rows, None
+    kd_weight = kd_weight * (tau**2 if tau_sq else 1)
+    grad_sum = (lambda rkl: GRAD_SUM[name](rkl, **hparams)) if name in GRAD_SUM else None
     loss, kd, ce = _FusedHead.apply(student_hidden, student_head, teacher_hidden.detach(), teacher_head.detach(),
-                                    labels.reshape(-1), rows, per_token, tau, n_ids, kd_weight * (tau**2 if tau_sq else 1),
-                                    ce_weight, chunk_size)
+                                    labels.reshape(-1), rows, per_token, grad_sum, tau, n_ids, kd_weight,
+                                    ce_weight, chunk_size, vocab_tile)
     return loss, kd * (tau**2 if tau_sq else 1), ce
 
 
 class _FusedHead(torch.autograd.Function):
     """The loss, with its gradient w.r.t. the student's hidden states and head weight computed in
-    forward, chunk by chunk of response rows."""
+    forward, a block of response rows at a time: each piece's logits gradient g (n, tile) becomes
+    g @ W (the hidden states') and g^T h (the head's)."""
 
     @staticmethod
-    def forward(ctx, hidden, head, teacher_hidden, teacher_head, targets, rows, per_token, tau, n_ids, kd_weight,
-                ce_weight, chunk_size):
+    def forward(ctx, hidden, head, teacher_hidden, teacher_head, targets, rows, per_token, grad_sum, tau, n_ids,
+                kd_weight, ce_weight, chunk_size, vocab_tile):
         H = hidden.shape[-1]
         flat, teacher_flat = hidden.detach().reshape(-1, H), teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
         weight, teacher_weight = head.detach()[:n_ids], teacher_head[:n_ids]
@@ -381,25 +412,18 @@ class _FusedHead(torch.autograd.Function):
         sums = torch.zeros(2, dtype=torch.float32, device=flat.device)  # KD, CE
         for start in range(0, len(rows), chunk_size):
             idx = rows[start:start + chunk_size]
-            h = flat[idx]
-            with torch.enable_grad():
-                z = (h @ weight.t()).float().requires_grad_(want)  # (n, V) the student's logits of this chunk
-                log_q = log_probs(z, tau)
-                kd = z.new_zeros(())
-                if per_token is not None:
-                    log_p = log_probs((teacher_flat[idx] @ teacher_weight.t()).float(), tau)  # the teacher's, no gradient
-                    kd = per_token(log_p, log_q, targets[idx]).sum()
-                # CE at tau 1, with a gradient only where it trains (else it is summed for the log alone)
-                ce_value = ce(None, log_probs(z if ce_weight else z.detach(), 1.0), targets[idx]).sum()
-                value = kd_weight * kd + ce_weight * ce_value
-            if want and value.requires_grad:
-                g = torch.autograd.grad(value, z)[0]                           # (n, V) float32
-                grad_hidden[idx] = g @ weight.float()                           # (n, H)
+            h, teacher_h, target = flat[idx], teacher_flat[idx], targets[idx]
+            if vocab_tile is None:
+                pieces = _whole_rows(h, weight, teacher_h, teacher_weight, target, per_token, tau, kd_weight,
+                                     ce_weight, want, sums)
+            else:
+                pieces = _vocab_tiles(h, weight, teacher_h, teacher_weight, target, per_token, grad_sum, tau,
+                                      kd_weight, ce_weight, want, sums, vocab_tile)
+            for cols, g in pieces:                                                 # g: (n, tile) float32
+                grad_hidden.index_add_(0, idx, g @ weight[cols].float())           # (n, H)
                 if want_head:
-                    grad_head[:n_ids].addmm_(g.t(), h.float())                 # (V, H), in place: no temporary
-            sums += torch.stack([kd.detach(), ce_value.detach()])
-        ctx.grads, ctx.dtypes = (grad_hidden, grad_head), (hidden.dtype, head.dtype)
-        ctx.shape = hidden.shape
+                    grad_head[:n_ids][cols].addmm_(g.t(), h.float())           # (tile, H), in place
+        ctx.grads, ctx.dtypes, ctx.shape = (grad_hidden, grad_head), (hidden.dtype, head.dtype), hidden.shape
         loss = kd_weight * sums[0] + ce_weight * sums[1]
         kd_sum, ce_sum = sums[0].clone(), sums[1].clone()
         ctx.mark_non_differentiable(kd_sum, ce_sum)
@@ -410,7 +434,86 @@ class _FusedHead(torch.autograd.Function):
         grad_hidden, grad_head = ctx.grads
         ctx.grads = (None, None)
         if grad_hidden is None:
-            return (None,) * 12
+            return (None,) * 14
         grad_hidden = grad_hidden.mul_(grad_loss).view(ctx.shape).to(ctx.dtypes[0])  # in place: no second copy
         grad_head = None if grad_head is None else grad_head.mul_(grad_loss).to(ctx.dtypes[1])
-        return (grad_hidden, grad_head) + (None,) * 10
+        return (grad_hidden, grad_head) + (None,) * 12
+
+
+def _whole_rows(h, weight, teacher_h, teacher_weight, target, per_token, tau, kd_weight, ce_weight, want, sums):
+    """A chunk of whole rows: adds its KD and CE sums to `sums`, yields its logits' gradient (n, V)."""
+    with torch.enable_grad():
+        z = (h @ weight.t()).float().requires_grad_(want)  # (n, V) the student's logits of this chunk
+        log_q = log_probs(z, tau)
+        kd = z.new_zeros(())
+        if per_token is not None:
+            log_p = log_probs((teacher_h @ teacher_weight.t()).float(), tau)  # the teacher's, no gradient
+            kd = per_token(log_p, log_q, target).sum()
+        # CE at tau 1, with a gradient only where it trains (else it is summed for the log alone)
+        ce_value = ce(None, log_probs(z if ce_weight else z.detach(), 1.0), target).sum()
+        value = kd_weight * kd + ce_weight * ce_value
+    sums += torch.stack([kd.detach(), ce_value.detach()])
+    if want and value.requires_grad:
+        yield slice(None), torch.autograd.grad(value, z)[0]
+
+
+def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, per_token, grad_sum, tau, kd_weight, ce_weight,
+                 want, sums, tile):
+    """A block of rows, the vocabulary in tiles of `tile` ids: adds the block's KD and CE sums to
+    `sums`, yields each tile's logits gradient (n, tile). With log q_v = z_v / tau - lse (per row), the
+    objective's gradient w.r.t. the student's logits is
+
+        dKD/dz_v = (dKD/dlog q_v - q_v S) / tau,    S = sum_u dKD/dlog q_u   (per row)
+
+    and CE's is softmax(z)_v - [v = target]. Pass 1 finds each row's log-sum-exps, pass 2 adds up S
+    (skipped where a formula gives it: GRAD_SUM), pass 3 makes the tiles' gradients."""
+    tiles = [slice(c, min(c + tile, len(weight))) for c in range(0, len(weight), tile)]
+    student_logits = lambda cols: (h @ weight[cols].t()).float()                    # (n, tile)
+    teacher_logits = lambda cols: (teacher_h @ teacher_weight[cols].t()).float()  # (n, tile), no gradient
+    lse, lse_1, teacher_lse, target_logit = (torch.full((len(h),), -math.inf, device=h.device) for _ in range(4))
+    gap = torch.zeros(len(h), device=h.device)  # E_q[z - t] over the tiles so far (RKL's value, for S)
+    for cols in tiles:  # pass 1: log-sum-exps at tau (KD) and at 1 (CE), the target's logit
+        z = student_logits(cols)
+        tile_lse = (z / tau).logsumexp(-1)
+        lse_1 = torch.logaddexp(lse_1, z.logsumexp(-1))
+        here = ((target >= cols.start) & (target < cols.stop)).nonzero()[:, 0]
+        target_logit[here] = z[here, target[here] - cols.start]
+        if per_token is not None:
+            t = teacher_logits(cols)
+            teacher_lse = torch.logaddexp(teacher_lse, (t / tau).logsumexp(-1))
+            if grad_sum is not None:  # each tile's expectation, weighted by its share of q's mass
+                tile_gap = ((z / tau - tile_lse[:, None]).exp() * (z - t)).sum(-1)
+                new_lse = torch.logaddexp(lse, tile_lse)
+                gap = gap * (lse - new_lse).exp() + tile_gap * (tile_lse - new_lse).exp()
+        lse = torch.logaddexp(lse, tile_lse)
+    sums[1] += (lse_1 - target_logit).sum()
+
+    def kd_of_tile(cols, z):  # (n,) the tile's share of each row's KD; log q and dKD/dlog q (n, tile)
+        with torch.enable_grad():
+            log_q = (z / tau - lse[:, None]).requires_grad_(want)
+            value = per_token(teacher_logits(cols) / tau - teacher_lse[:, None], log_q, None)
+            dlog_q = torch.autograd.grad(value.sum(), log_q)[0] if want else None
+        return value.detach(), log_q.detach(), dlog_q
+
+    S, kd_counted = torch.zeros(len(h), device=h.device), False
+    if per_token is not None and (grad_sum is None or not want):  # pass 2: KD's value and S
+        for cols in tiles:
+            value, _, dlog_q = kd_of_tile(cols, student_logits(cols))
+            sums[0] += value.sum()
+            S += 0 if dlog_q is None else dlog_q.sum(-1)
+        kd_counted = True
+    S = S if grad_sum is None else grad_sum(gap / tau - lse + teacher_lse)  # RKL = E_q[z - t] / tau - lse + lse_t
+    if not want or not (kd_weight and per_token is not None) and not ce_weight:
+        return
+    for cols in tiles:  # pass 3: each tile's gradient
+        z = student_logits(cols)
+        g = torch.zeros_like(z)
+        if per_token is not None and kd_weight:
+            value, log_q, dlog_q = kd_of_tile(cols, z)
+            sums[0] += 0 if kd_counted else value.sum()
+            g += dlog_q.sub_(log_q.exp_().mul_(S[:, None])).mul_(kd_weight / tau)
+        if ce_weight:
+            g += (z - lse_1[:, None]).exp_().mul_(ce_weight)
+            here = ((target >= cols.start) & (target < cols.stop)).nonzero()[:, 0]
+            g[here, target[here] - cols.start] -= ce_weight
+        yield cols, g

@@ -46,7 +46,7 @@ def peer_loss(impl):
     return module.ForwardKLWithChunkedOutputLoss(num_output_chunks=8)
 
 
-def measure_one(name, impl, N, H, V):
+def measure_one(name, impl, N, H, V, pieces):
     """Runs in a child process: prints {"extra": bytes, "seconds": s, "loss": value}."""
     torch.manual_seed(0)
     student_hidden = torch.randn(1, N, H, requires_grad=True)
@@ -60,7 +60,7 @@ def measure_one(name, impl, N, H, V):
     start = time.perf_counter()
     if impl in ("fused", "frozen"):
         loss, _, _ = losses.fused_distill_loss(name, student_hidden, head, teacher_hidden, teacher_head, labels,
-                                               tau=2.0)
+                                               tau=2.0, **pieces)
     elif impl == "liger":
         loss = loss_fn(student_hidden.view(N, H), head, teacher_hidden.view(N, H), teacher_head, labels.view(N))
     elif impl == "torchtune":  # its recipes' logits: one (B, T/8, V) tensor per chunk of positions
@@ -76,7 +76,7 @@ def measure_one(name, impl, N, H, V):
         loss = loss_fn(name, student_logits, teacher_logits, labels, tau=2.0, reduction="sum")
     loss.backward()
     seconds = time.perf_counter() - start
-    print(json.dumps({"extra": peak_bytes() - before, "seconds": seconds, "loss": float(loss)}))
+    print(json.dumps({"extra": peak_bytes() - before, "seconds": seconds, "loss": float(loss.detach())}))
 
 
 def main():
@@ -87,10 +87,13 @@ def main():
     p.add_argument("--V", type=int, default=151936)
     p.add_argument("--impls", default="chunked,fused,frozen", help="of: plain, chunked, fused, frozen, liger, "
                    "torchtune (chunked is the time baseline: always include it)")
+    p.add_argument("--chunk-size", type=int, help="fused: rows a piece (default: chosen by losses.py)")
+    p.add_argument("--vocab-tile", type=int, help="fused: ids a vocabulary tile (default: chosen by losses.py)")
     p.add_argument("--one", nargs=2, metavar=("LOSS", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        return measure_one(*args.one, args.N, args.H, args.V)
+        pieces = {k: v for k, v in (("chunk_size", args.chunk_size), ("vocab_tile", args.vocab_tile)) if v}
+        return measure_one(*args.one, args.N, args.H, args.V, pieces)
     logits_bytes = args.N * args.V * 4
     print(f"N={args.N} H={args.H} V={args.V}: one float32 logits tensor = {logits_bytes / 2**30:.2f} GiB; the head's "
           f"weight gradient = {args.V * args.H * 4 / logits_bytes:.2f} of it")
@@ -104,20 +107,24 @@ def main():
             if (impl == "liger" and name != "js") or (impl == "torchtune" and name != "fkl"):
                 continue  # each peer has one objective
             cmd = [sys.executable, __file__, "--one", name, impl, "--N", str(args.N), "--H", str(args.H),
-                   "--V", str(args.V)]
-            # glibc otherwise raises its mmap threshold after the first large free and keeps freed chunks
-            # in the heap, so RSS would count memory the process no longer holds
-            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-            run = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if run.returncode:
-                why = (run.stderr.strip().splitlines() or [f"killed by signal {-run.returncode} (out of memory?)"])[-1]
-                raise SystemExit(f"error: {name} {impl} failed: {why}")
-            result[impl] = json.loads(run.stdout)
+                   "--V", str(args.V)] + [f"--{k}={v}" for k, v in (("chunk-size", args.chunk_size),
+                                                                    ("vocab-tile", args.vocab_tile)) if v]
+            # Two runs. Memory: glibc told to return every freed block of 128 kB or more, since otherwise it
+            # raises its mmap threshold after the first large free and keeps freed chunks, so RSS would count
+            # memory the process no longer holds. Time: glibc as it is, since under that setting every
+            # temporary of a piece is a fresh mapping whose pages fault in again.
+            for measure, env in (("extra", dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")), ("seconds", None)):
+                run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if run.returncode:
+                    why = (run.stderr.strip().splitlines() or [f"killed by signal {-run.returncode} (out of memory?)"])[-1]
+                    raise SystemExit(f"error: {name} {impl} failed: {why}")
+                result.setdefault(impl, {})[measure] = json.loads(run.stdout)[measure]
         cell = lambda impl, value: value if impl in result else "-"
-        memory = [cell(i, f"{result.get(i, {}).get('extra', 0) / logits_bytes:.2f}x") for i in impls]
+        memory = [cell(i, f"{result.get(i, {}).get('extra', 0) / logits_bytes:.3f}x") for i in impls]
         times = [cell(i, f"{result.get(i, {}).get('seconds', 0) / result['chunked']['seconds']:.2f}")
                  for i in impls if i != "chunked"]
         print(f"| {name} | " + " | ".join(memory) + " | " + " | ".join(times) + " |", flush=True)
+        print(json.dumps({name: result}), file=sys.stderr, flush=True)  # the raw bytes and seconds
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ micro-batch, V the vocabulary, H / L / F / D the student's width, layers, MLP wi
                fp32 master weight already counted; LoRA: P_t = the adapters only
   logits       unfused: 3.3 x one fp32 (N, V) tensor (the student's and teacher's logits, the logits'
                gradient and the chunked loss's buffer; measured, bench/bench_fused.py);
-               fused: ~8 MB chunks, and the head's (V, H) fp32 weight gradient unless the head is frozen
+               fused: a few MB-sized pieces, and the head's (V, H) fp32 weight gradient unless frozen
   activations  N L a bytes, a = what autograd keeps per token and layer (activation_words below: the
                norms' inputs, the projections' inputs, q/k/v and attention's output, the MLP's hidden
                activations) x 2 bytes in bf16 (4 on CPU), plus one block's worth (N a) for the gradients
@@ -52,7 +52,7 @@ PRESETS = {"qwen2.5": ("Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-0.5B"),
            "smollm2": ("HuggingFaceTB/SmolLM2-1.7B", "HuggingFaceTB/SmolLM2-360M"),
            "qwen3": ("Qwen/Qwen3-4B-Base", "Qwen/Qwen3-0.6B-Base")}
 UNFUSED_LOGITS = 3.3  # one fp32 logits tensor's multiple a step holds without the fused loss (bench_fused.py)
-CHUNK_BYTES = 2 * 8 * 2**20  # the fused loss's chunk temporaries: a few ~8 MB (n, V) tensors
+CHUNK_BYTES = 2 * 8 * 2**20  # the fused loss's temporaries: a few ~8 MB row chunks, or more 2 MB tiles
 
 
 def model_of(name):

@@ -1,12 +1,14 @@
 """losses.fused_distill_loss (#23, the output head fused into the loss): from hidden states and head
 weights, the same value and the same gradients (hidden states, head weight) as the plain distill_loss
 and CE on the full logits, for every objective, several tau, tied and untied heads, heads wider than the
-tokenizer, and a kd/CE mix; bf16 inputs stay finite."""
+tokenizer, and a kd/CE mix, both in chunks of whole rows and in tiles of the vocabulary; bf16 inputs
+stay finite."""
 import pytest
 import torch
 
 from conftest import assert_float32_close
-from losses import LOSSES, ce_loss, distill_loss, fused_distill_loss
+import losses
+from losses import GRAD_SUM, LOSSES, SUMS_OVER_VOCAB, ce_loss, distill_loss, fused_distill_loss
 
 
 def setting(seed=0, V=40, n_ids=37, tied=False):
@@ -22,6 +24,13 @@ def setting(seed=0, V=40, n_ids=37, tied=False):
     return student_hidden, head, teacher_hidden, teacher_head, labels
 
 
+def assert_close(got, want):
+    """float32 rounding, with room for the tiled path's other order of adding up each row's terms: 1e-5
+    of the largest entry (ab at tau = 10 loses ~7e-6 to cancellation in float32 on either path, against a
+    float64 computation; a wrong tile offset or a missing term is off by ~1e-1)."""
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 def plain(name, student_hidden, head, teacher_hidden, teacher_head, labels, tau, n_ids, kd_weight, ce_weight):
     student_logits = student_hidden @ head[:n_ids].t()
     teacher_logits = teacher_hidden @ teacher_head[:n_ids].t()
@@ -30,20 +39,91 @@ def plain(name, student_hidden, head, teacher_hidden, teacher_head, labels, tau,
     return kd_weight * kd + ce_weight * ce, kd, ce
 
 
-@pytest.mark.parametrize("name", list(LOSSES))
+PIECES = {"rows": dict(chunk_size=3), "vocab": dict(chunk_size=3, vocab_tile=7)}  # 3 rows a block; 7 of 37 ids a tile
+
+
+@pytest.mark.parametrize("name,split", [(name, "rows") for name in LOSSES] + [(name, "vocab") for name in SUMS_OVER_VOCAB])
 @pytest.mark.parametrize("tau", [1.0, 2.5, 10.0])
-def test_fused_equals_the_plain_form_in_value_and_gradient(name, tau):
+def test_fused_equals_the_plain_form_in_value_and_gradient(name, split, tau):
     inputs = setting()
     want, want_kd, want_ce = plain(name, *inputs, tau, 37, 0.7, 0.3)
     want.backward()
     want_grads = [inputs[0].grad.clone(), inputs[1].grad.clone()]
     inputs[0].grad = inputs[1].grad = None
-    got, kd, ce = fused_distill_loss(name, *inputs, tau=tau, n_ids=37, kd_weight=0.7, ce_weight=0.3, chunk_size=3)
+    got, kd, ce = fused_distill_loss(name, *inputs, tau=tau, n_ids=37, kd_weight=0.7, ce_weight=0.3, **PIECES[split])
     got.backward()
     for a, b in ((got, want), (kd, want_kd), (ce, want_ce), (inputs[0].grad, want_grads[0]),
                  (inputs[1].grad, want_grads[1])):
-        assert_float32_close(a.detach(), b.detach())
+        assert_close(a.detach(), b.detach())
     assert not bool(inputs[1].grad[37:].any())  # rows beyond the tokenizer: no gradient
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_the_objectives_that_sum_over_the_vocabulary_are_the_listed_ones(name):
+    """What the tiled path relies on: for the SUMS_OVER_VOCAB objectives the value on the whole
+    vocabulary is the sum of the values on two parts of it (log-probabilities normalised over the
+    whole); AKL and DRKL are not, which is why they take whole rows. GRAD_SUM's constants are the sum
+    of the gradient w.r.t. log q (autograd)."""
+    g = torch.Generator().manual_seed(1)
+    log_p = torch.randn(5, 30, generator=g).mul(2).log_softmax(-1)
+    log_q = torch.randn(5, 30, generator=g).mul(2).log_softmax(-1).requires_grad_()
+    target = torch.randint(0, 30, (5,), generator=g)
+    whole = LOSSES[name](log_p, log_q, target)
+    parts = LOSSES[name](log_p[:, :11], log_q[:, :11], target.clamp(max=10)) + \
+        LOSSES[name](log_p[:, 11:], log_q[:, 11:], (target - 11).clamp(min=0))
+    assert torch.allclose(whole, parts, atol=1e-6) == (name in SUMS_OVER_VOCAB)
+    for hparams in ({}, {"weight": 0.3}) if name == "sym" else ({},) if name in GRAD_SUM else ():
+        grad = torch.autograd.grad(LOSSES[name](log_p, log_q, target, **hparams).sum(), log_q)[0]
+        rkl = LOSSES["rkl"](log_p, log_q).detach()
+        assert torch.allclose(grad.sum(-1), GRAD_SUM[name](rkl, **hparams), atol=1e-5)
+
+
+def test_the_tiled_path_takes_the_objectives_hyperparameters():
+    """sym's weight enters both its value and the formula for S (GRAD_SUM); js's beta its value."""
+    for name, hparams in (("sym", {"weight": 0.3}), ("js", {"beta": 0.8}), ("ab", {"alpha": 0.5, "beta": 0.3})):
+        inputs = setting()
+        logits = [inputs[0] @ inputs[1][:37].t(), inputs[2] @ inputs[3][:37].t()]
+        want = distill_loss(name, *logits, inputs[4], tau=2.0, reduction="sum", **hparams)
+        got, _, _ = fused_distill_loss(name, *inputs, tau=2.0, n_ids=37, **PIECES["vocab"], **hparams)
+        assert_close(got.detach(), want.detach())
+        for a, b in zip(torch.autograd.grad(got, inputs[:2]), torch.autograd.grad(want, inputs[:2])):
+            assert_close(a, b)
+
+
+def test_a_large_vocabulary_takes_tiles_by_itself_and_a_small_one_whole_rows(monkeypatch):
+    """The automatic choice (no chunk_size, vocab_tile): whole rows while ~8 MB holds >= 256 of them,
+    tiles beyond (V = 10,000: 209 rows); AKL whole rows always; the value and gradient as plain."""
+    calls = []
+    for piece in ("_whole_rows", "_vocab_tiles"):
+        real = getattr(losses, piece)
+        monkeypatch.setattr(losses, piece, lambda *a, real=real, piece=piece, **k: calls.append(piece) or real(*a, **k))
+    for name, V, path in (("rkl", 10_000, "_vocab_tiles"), ("akl", 10_000, "_whole_rows"), ("rkl", 8_000, "_whole_rows")):
+        calls.clear()
+        inputs = setting(V=V, n_ids=V)
+        want, _, _ = plain(name, *inputs, 2.0, V, 1.0, 0.5)
+        want_grads = torch.autograd.grad(want, inputs[:2])
+        got, _, _ = fused_distill_loss(name, *inputs, tau=2.0, kd_weight=1.0, ce_weight=0.5)
+        assert set(calls) == {path}
+        assert_close(got.detach(), want.detach())
+        for a, b in zip(torch.autograd.grad(got, inputs[:2]), want_grads):
+            assert_close(a, b)
+
+
+@pytest.mark.parametrize("split", list(PIECES))
+def test_a_frozen_head_and_no_gradient_at_all(split):
+    """A LoRA student's head is frozen: only the hidden states get a gradient, the same as plain; under
+    no_grad the value alone (the tiled path then adds up KD without its gradient passes)."""
+    for name in ("fkl", "js"):
+        student_hidden, head, teacher_hidden, teacher_head, labels = setting()
+        head = head.detach()
+        want, _, _ = plain(name, student_hidden, head, teacher_hidden, teacher_head, labels, 2.0, 37, 1.0, 0.5)
+        got, _, _ = fused_distill_loss(name, student_hidden, head, teacher_hidden, teacher_head, labels, tau=2.0,
+                                       n_ids=37, ce_weight=0.5, **PIECES[split])
+        assert_close(torch.autograd.grad(got, student_hidden)[0], torch.autograd.grad(want, student_hidden)[0])
+        with torch.no_grad():
+            value, kd, _ = fused_distill_loss(name, student_hidden, head, teacher_hidden, teacher_head, labels,
+                                              tau=2.0, n_ids=37, ce_weight=0.5, **PIECES[split])
+        assert_close(value, want.detach())
 
 
 def test_a_tied_head_gets_both_gradients_and_pure_kd_needs_no_ce():
@@ -61,25 +141,28 @@ def test_a_tied_head_gets_both_gradients_and_pure_kd_needs_no_ce():
     assert_float32_close(ce, ce_loss((student_hidden @ embedding.t()).detach(), labels, reduction="sum"))
 
 
-def test_without_a_teacher_it_is_the_cross_entropy():  # SFT
+@pytest.mark.parametrize("split", list(PIECES))
+def test_without_a_teacher_it_is_the_cross_entropy(split):  # SFT
     student_hidden, head, _, _, labels = setting()
     want = ce_loss(student_hidden @ head.t(), labels, reduction="sum")
     want_grad = torch.autograd.grad(want, [student_hidden, head])
-    got, kd, ce = fused_distill_loss("fkl", student_hidden, head, None, None, labels, kd_weight=0.0, ce_weight=1.0)
+    got, kd, ce = fused_distill_loss("fkl", student_hidden, head, None, None, labels, kd_weight=0.0, ce_weight=1.0,
+                                     **PIECES[split])
     for a, b in zip(torch.autograd.grad(got, [student_hidden, head]), want_grad):
-        assert_float32_close(a, b)
-    assert_float32_close(ce, want.detach())
+        assert_close(a, b)
+    assert_close(ce, want.detach())
     assert float(kd) == 0.0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs_give_finite_float32_losses_for_extreme_tau(dtype):
+@pytest.mark.parametrize("name,split", [("fkl", "rows"), ("fkl", "vocab"), ("js", "vocab")])
+def test_half_precision_inputs_give_finite_float32_losses_for_extreme_tau(dtype, name, split):
     student_hidden, head, teacher_hidden, teacher_head, labels = setting()
     for tau in (0.1, 100.0):
         hidden = (student_hidden.detach() * 30).to(dtype).requires_grad_()
-        loss, _, _ = fused_distill_loss("fkl", hidden, head.detach().to(dtype).requires_grad_(),
+        loss, _, _ = fused_distill_loss(name, hidden, head.detach().to(dtype).requires_grad_(),
                                         teacher_hidden.to(dtype) * 30, teacher_head.to(dtype), labels, tau=tau,
-                                        ce_weight=0.5)
+                                        ce_weight=0.5, **PIECES[split])
         loss.backward()
         assert loss.dtype == torch.float32 and bool(loss.isfinite()) and bool(hidden.grad.isfinite().all())
 
