@@ -503,12 +503,12 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, per_token, grad_s
             S += 0 if dlog_q is None else dlog_q.sum(-1)
         kd_counted = True
     S = S if grad_sum is None else grad_sum(gap / tau - lse + teacher_lse)  # RKL = E_q[z - t] / tau - lse + lse_t
-    if not want or not (kd_weight and per_token is not None) and not ce_weight:
+    if not want or (per_token is None and not ce_weight):  # no gradient to make (per_token is None at kd_weight 0)
         return
     for cols in tiles:  # pass 3: each tile's gradient
         z = student_logits(cols)
         g = torch.zeros_like(z)
-        if per_token is not None and kd_weight:
+        if per_token is not None:
             value, log_q, dlog_q = kd_of_tile(cols, z)
             sums[0] += 0 if kd_counted else value.sum()
             g += dlog_q.sub_(log_q.exp_().mul_(S[:, None])).mul_(kd_weight / tau)
