@@ -14,7 +14,8 @@ divergences (>= 0, 0 when p = q).
 At the bottom, two memory optimisations compute the same value and gradient: `distill_loss_chunked`
 from the logits with about one extra copy of them instead of several, and `fused_distill_loss` from
 the models' last hidden states and head weights, making the logits a piece at a time (chunks of
-whole rows, or tiles of the vocabulary when it is large) so no (B, T, V) tensor exists (what train.py runs; bench/bench_losses.py and bench/bench_fused.py measure them).
+whole rows, or tiles of the vocabulary when it is large) so no (B, T, V) tensor exists (what
+train.py runs; bench/bench_losses.py and bench/bench_fused.py measure them).
 """
 import math
 
@@ -470,22 +471,24 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, per_token, grad_s
     tiles = [slice(c, min(c + tile, len(weight))) for c in range(0, len(weight), tile)]
     student_logits = lambda cols: (h @ weight[cols].t()).float()                    # (n, tile)
     teacher_logits = lambda cols: (teacher_h @ teacher_weight[cols].t()).float()  # (n, tile), no gradient
+    targets_in = lambda cols: ((target >= cols.start) & (target < cols.stop)).nonzero()[:, 0]  # rows, target in tile
     lse, lse_1, teacher_lse, target_logit = (torch.full((len(h),), -math.inf, device=h.device) for _ in range(4))
     gap = torch.zeros(len(h), device=h.device)  # E_q[z - t] over the tiles so far (RKL's value, for S)
     for cols in tiles:  # pass 1: log-sum-exps at tau (KD) and at 1 (CE), the target's logit
         z = student_logits(cols)
-        tile_lse = (z / tau).logsumexp(-1)
+        z_tau = z / tau
+        tile_lse = z_tau.logsumexp(-1)
+        new_lse = torch.logaddexp(lse, tile_lse)
         lse_1 = torch.logaddexp(lse_1, z.logsumexp(-1))
-        here = ((target >= cols.start) & (target < cols.stop)).nonzero()[:, 0]
+        here = targets_in(cols)
         target_logit[here] = z[here, target[here] - cols.start]
         if per_token is not None:
             t = teacher_logits(cols)
             teacher_lse = torch.logaddexp(teacher_lse, (t / tau).logsumexp(-1))
             if grad_sum is not None:  # each tile's expectation, weighted by its share of q's mass
-                tile_gap = ((z / tau - tile_lse[:, None]).exp() * (z - t)).sum(-1)
-                new_lse = torch.logaddexp(lse, tile_lse)
+                tile_gap = ((z_tau - tile_lse[:, None]).exp() * (z - t)).sum(-1)
                 gap = gap * (lse - new_lse).exp() + tile_gap * (tile_lse - new_lse).exp()
-        lse = torch.logaddexp(lse, tile_lse)
+        lse = new_lse
     sums[1] += (lse_1 - target_logit).sum()
 
     def kd_of_tile(cols, z):  # (n,) the tile's share of each row's KD; log q and dKD/dlog q (n, tile)
@@ -495,13 +498,13 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, per_token, grad_s
             dlog_q = torch.autograd.grad(value.sum(), log_q)[0] if want else None
         return value.detach(), log_q.detach(), dlog_q
 
-    S, kd_counted = torch.zeros(len(h), device=h.device), False
-    if per_token is not None and (grad_sum is None or not want):  # pass 2: KD's value and S
+    S = torch.zeros(len(h), device=h.device)
+    pass_2 = per_token is not None and (grad_sum is None or not want)
+    if pass_2:  # KD's value and S
         for cols in tiles:
             value, _, dlog_q = kd_of_tile(cols, student_logits(cols))
             sums[0] += value.sum()
             S += 0 if dlog_q is None else dlog_q.sum(-1)
-        kd_counted = True
     S = S if grad_sum is None else grad_sum(gap / tau - lse + teacher_lse)  # RKL = E_q[z - t] / tau - lse + lse_t
     if not want or (per_token is None and not ce_weight):  # no gradient to make (per_token is None at kd_weight 0)
         return
@@ -510,10 +513,10 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, per_token, grad_s
         g = torch.zeros_like(z)
         if per_token is not None:
             value, log_q, dlog_q = kd_of_tile(cols, z)
-            sums[0] += 0 if kd_counted else value.sum()
+            sums[0] += 0 if pass_2 else value.sum()  # KD's value, unless pass 2 added it up
             g += dlog_q.sub_(log_q.exp_().mul_(S[:, None])).mul_(kd_weight / tau)
         if ce_weight:
             g += (z - lse_1[:, None]).exp_().mul_(ce_weight)
-            here = ((target >= cols.start) & (target < cols.stop)).nonzero()[:, 0]
+            here = targets_in(cols)
             g[here, target[here] - cols.start] -= ce_weight
         yield cols, g

@@ -91,8 +91,8 @@ def main():
     p.add_argument("--vocab-tile", type=int, help="fused: ids a vocabulary tile (default: chosen by losses.py)")
     p.add_argument("--one", nargs=2, metavar=("LOSS", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    pieces = {k: v for k, v in (("chunk_size", args.chunk_size), ("vocab_tile", args.vocab_tile)) if v}
     if args.one:
-        pieces = {k: v for k, v in (("chunk_size", args.chunk_size), ("vocab_tile", args.vocab_tile)) if v}
         return measure_one(*args.one, args.N, args.H, args.V, pieces)
     logits_bytes = args.N * args.V * 4
     print(f"N={args.N} H={args.H} V={args.V}: one float32 logits tensor = {logits_bytes / 2**30:.2f} GiB; the head's "
@@ -107,8 +107,7 @@ def main():
             if (impl == "liger" and name != "js") or (impl == "torchtune" and name != "fkl"):
                 continue  # each peer has one objective
             cmd = [sys.executable, __file__, "--one", name, impl, "--N", str(args.N), "--H", str(args.H),
-                   "--V", str(args.V)] + [f"--{k}={v}" for k, v in (("chunk-size", args.chunk_size),
-                                                                    ("vocab-tile", args.vocab_tile)) if v]
+                   "--V", str(args.V)] + [f"--{k.replace('_', '-')}={v}" for k, v in pieces.items()]
             # Two runs. Memory: glibc told to return every freed block of 128 kB or more, since otherwise it
             # raises its mmap threshold after the first large free and keeps freed chunks, so RSS would count
             # memory the process no longer holds. Time: glibc as it is, since under that setting every
