@@ -334,6 +334,20 @@ def scores_by_seed(runs, averaged):
     return by_seed
 
 
+def grid_by_seed(runs_dir, eval_name="eval"):
+    """scores_by_seed of one grid's KD runs, ROUGE-L averaged over the paper's benchmarks where the
+    grid has them all (else over every benchmark it has)."""
+    runs = [r for r in collect_runs(runs_dir, eval_name) if r[1].get("mode") != "sft"]
+    benchmarks = sorted({b for _, _, results in runs for b in results})
+    return scores_by_seed(runs, [b for b in PAPER_AVERAGE if b in benchmarks] or benchmarks)
+
+
+def best_tau(cells):
+    """{tau: {seed: score}} -> the tau with the best mean over seeds (as in Table 1); a tie goes to
+    the smaller tau."""
+    return max(sorted(cells), key=lambda t: statistics.fmean(cells[t].values()))
+
+
 def paired(a, b):
     """a - b over the training seeds both cells ({seed: score}) have, as
     "mean ± std (k of n seeds > 0)"."""
@@ -351,12 +365,9 @@ def claims(runs, averaged):
     by_seed = scores_by_seed(runs, averaged)
     if not {("fkl", 1.0), ("rkl", 1.0)} <= set(by_seed):
         return []
-    mean = {cell: statistics.fmean(scores.values()) for cell, scores in by_seed.items()}
-    # objective -> its best tau (a tie goes to the smaller tau), in the paper's order of objectives
-    best = {}
-    for (o, t), m in sorted(mean.items(), key=lambda kv: (list(LOSSES).index(kv[0][0]), kv[0][1])):
-        if o not in best or m > mean[(o, best[o])]:
-            best[o] = t
+    # objective -> its best tau, in the paper's order of objectives
+    best = {o: best_tau({t: seeds for (obj, t), seeds in by_seed.items() if obj == o})
+            for o in sorted({o for o, _ in by_seed}, key=list(LOSSES).index)}
     fkl, rkl = ("fkl", best["fkl"]), ("rkl", best["rkl"])
     gains = [f"{o} {paired(by_seed[(o, best[o])], by_seed[(o, 1.0)])}" for o in best
              if (o, 1.0) in by_seed and best[o] != 1.0]
@@ -383,10 +394,7 @@ def compare(runs_dirs, names, objectives=("fkl", "rkl"), eval_name="eval", out_d
     given. Returns the markdown."""
     by_seed = []  # per grid: {(objective, tau): {training seed: averaged ROUGE-L}}
     for runs_dir in runs_dirs:
-        runs = [r for r in collect_runs(runs_dir, eval_name) if r[1].get("mode") != "sft"]
-        benchmarks = sorted({b for _, _, results in runs for b in results})
-        averaged = [b for b in PAPER_AVERAGE if b in benchmarks] or benchmarks
-        cells = {(o, t): seeds for (o, t), seeds in scores_by_seed(runs, averaged).items()
+        cells = {(o, t): seeds for (o, t), seeds in grid_by_seed(runs_dir, eval_name).items()
                  if o in objectives and (taus is None or t in taus)}
         if not cells:
             raise FileNotFoundError(f"no finished runs of {', '.join(objectives)} under {runs_dir}")
@@ -409,7 +417,7 @@ def compare(runs_dirs, names, objectives=("fkl", "rkl"), eval_name="eval", out_d
         cells = {t: seeds for (obj, t), seeds in by_seed[i].items() if obj == o}
         if 1.0 not in cells:
             continue
-        best = max(sorted(cells), key=lambda t: statistics.fmean(cells[t].values()))
+        best = best_tau(cells)
         gain = paired(cells[best], cells[1.0]) if best != 1.0 else "none: τ = 1 is best"
         lines.append(f"| {o.upper()} | {names[i]} | {fmt(cells[1.0])} | {best:g} | "
                      f"{fmt(cells[best])} | {gain} |")
@@ -434,11 +442,9 @@ def over_teachers(runs_dirs, names, eval_name="eval", out_dir=None):
     and how many pairs agree with the paper). Writes teachers.md to out_dir when given."""
     per_teacher, pooled = [], {}
     for i, runs_dir in enumerate(runs_dirs):
-        runs = [r for r in collect_runs(runs_dir, eval_name) if r[1].get("mode") != "sft"]
-        benchmarks = sorted({b for _, _, results in runs for b in results})
-        by_seed = scores_by_seed(runs, [b for b in PAPER_AVERAGE if b in benchmarks] or benchmarks)
-        best = {o: max(sorted(t for obj, t in by_seed if obj == o), key=lambda t: statistics.fmean(
-            by_seed[(o, t)].values())) for o in ("fkl", "rkl") if (o, 1.0) in by_seed}
+        by_seed = grid_by_seed(runs_dir, eval_name)
+        best = {o: best_tau({t: seeds for (obj, t), seeds in by_seed.items() if obj == o})
+                for o in ("fkl", "rkl") if (o, 1.0) in by_seed}
         if len(best) < 2:
             raise FileNotFoundError(f"{runs_dir}: no FKL and RKL runs at τ = 1")
         comparisons = {"RKL − FKL at τ = 1 (claim 1)": (by_seed[("rkl", 1.0)], by_seed[("fkl", 1.0)]),
