@@ -17,6 +17,7 @@ the models' last hidden states and head weights, making the logits a piece at a 
 whole rows, or tiles of the vocabulary when it is large) so no (B, T, V) tensor exists (what
 train.py runs; bench/bench_losses.py and bench/bench_fused.py measure them).
 """
+import collections
 import inspect
 import math
 
@@ -392,6 +393,53 @@ GRAD_SUM = {"fkl": lambda: ([], [], lambda power: -power(0, 1)[0]),
             "ab": _ab_grad_sum}
 
 
+# Where S is added up (JS, the skew KLs, TVD), passes 2 and 3 make dKD/dlog q at every tile; through
+# autograd that costs 1.2-3 times the derivative written out, so here it is (tested against autograd):
+# (log_p, log_q) of a tile, the hyper-parameters -> (each row's value, dKD/dlog q).
+def _js_tile(log_p, log_q, beta):  # d/dlog q_v = (1 - beta) q_v (log q_v - log m_v)
+    if beta == 0 or beta == 1:  # FKL, RKL
+        return js(log_p, log_q, beta=beta), -log_p.exp() if beta == 0 else log_q.exp() * (log_q - log_p + 1)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta))
+    q_part = log_q.exp() * (log_q - log_m)
+    return beta * _kl(log_p, log_m) + (1 - beta) * q_part.sum(-1), q_part.mul_(1 - beta)
+
+
+def _sfkl_tile(log_p, log_q, alpha):  # m = alpha p + (1 - alpha) q:  d/dlog q_v = -(1 - alpha) p_v q_v / m_v
+    log_m = torch.logaddexp(log_p + _log(alpha), log_q + _log(1 - alpha))
+    return _kl(log_p, log_m), (log_p + log_q - log_m).exp_().mul_(alpha - 1)
+
+
+def _srkl_tile(log_p, log_q, alpha):  # m = alpha q + (1 - alpha) p:  d/dlog q_v = q_v (log q_v - log m_v + 1 - alpha q_v / m_v)
+    if alpha == 0:  # RKL (q / m = q / p need not be finite)
+        return _kl(log_q, log_p), log_q.exp() * (log_q - log_p + 1)
+    log_m = torch.logaddexp(log_q + _log(alpha), log_p + _log(1 - alpha))
+    q, log_ratio = log_q.exp(), log_q - log_m
+    return (q * log_ratio).sum(-1), log_ratio.exp().mul_(-alpha).add_(log_ratio).add_(1).mul_(q)
+
+
+def _tvd_tile(log_p, log_q):  # d/dlog q_v = sign(q_v - p_v) q_v / 2
+    q, p = log_q.exp(), log_p.exp()
+    return 0.5 * (p - q).abs().sum(-1), (q - p).sign_().mul_(q).mul_(0.5)
+
+
+DLOG_Q = {"js": _js_tile, "sfkl": _sfkl_tile, "srkl": _srkl_tile, "tvd": _tvd_tile}
+
+
+def _autograd_dlog_q(per_token):
+    """The objective's value and dKD/dlog q of a tile through autograd (the objectives without DLOG_Q)."""
+    def value_and_dlog_q(log_p, log_q):
+        with torch.enable_grad():
+            log_q = log_q.detach().requires_grad_()
+            value = per_token(log_p, log_q, None)
+            return value.detach(), torch.autograd.grad(value.sum(), log_q)[0]
+    return value_and_dlog_q
+
+
+# What the tiled path takes for an objective: GRAD_SUM's entry (or None), DRKL's form (or None), and
+# (log_p, log_q) -> (value, dKD/dlog q) of a tile
+TileForms = collections.namedtuple("TileForms", "grad_sum drkl value_and_dlog_q")
+
+
 def fused_distill_loss(name, student_hidden, student_head, teacher_hidden, teacher_head, labels, tau=1.0,
                        n_ids=None, kd_weight=1.0, ce_weight=0.0, tau_sq=False, chunk_size=None, vocab_tile=None,
                        **hparams):
@@ -404,7 +452,7 @@ def fused_distill_loss(name, student_hidden, student_head, teacher_hidden, teach
     both None: chosen as above."""
     hparams = {k: v for k, v in hparams.items() if v is not None}
     check_objective(name, tau, **hparams)
-    hparams = {**defaults(LOSSES[name]), **hparams}  # GRAD_SUM and _drkl_from_sums take them all
+    hparams = {**defaults(LOSSES[name]), **hparams}  # GRAD_SUM, DLOG_Q and _drkl_from_sums take them all
     n_ids = n_ids or student_head.shape[0]
     rows = (labels.reshape(-1) != -100).nonzero()[:, 0]
     per_token = lambda log_p, log_q, target: LOSSES[name](log_p, log_q, target, **hparams)
@@ -419,11 +467,14 @@ def fused_distill_loss(name, student_hidden, student_head, teacher_hidden, teach
     else:
         chunk_size, vocab_tile = chunk_size or whole_rows, None
     kd_weight = kd_weight * (tau**2 if tau_sq else 1)
-    grad_sum = GRAD_SUM[name](**hparams) if name in GRAD_SUM and per_token is not None else None
-    drkl_from_sums = (lambda *sums: _drkl_from_sums(*sums, **hparams)) if name == "drkl" and per_token is not None else None
+    forms = None if per_token is None or vocab_tile is None else TileForms(
+        grad_sum=GRAD_SUM[name](**hparams) if name in GRAD_SUM else None,
+        drkl=(lambda *sums: _drkl_from_sums(*sums, **hparams)) if name == "drkl" else None,
+        value_and_dlog_q=(lambda log_p, log_q: DLOG_Q[name](log_p, log_q, **hparams)) if name in DLOG_Q
+        else _autograd_dlog_q(per_token))
     loss, kd, ce = _FusedHead.apply(student_hidden, student_head, teacher_hidden.detach(), teacher_head.detach(),
-                                    labels.reshape(-1), rows, per_token, grad_sum, drkl_from_sums, tau, n_ids,
-                                    kd_weight, ce_weight, chunk_size, vocab_tile)
+                                    labels.reshape(-1), rows, per_token, forms, tau, n_ids, kd_weight, ce_weight,
+                                    chunk_size, vocab_tile)
     return loss, kd * (tau**2 if tau_sq else 1), ce
 
 
@@ -433,8 +484,8 @@ class _FusedHead(torch.autograd.Function):
     g @ W (the hidden states') and g^T h (the head's)."""
 
     @staticmethod
-    def forward(ctx, hidden, head, teacher_hidden, teacher_head, targets, rows, per_token, grad_sum, drkl_from_sums,
-                tau, n_ids, kd_weight, ce_weight, chunk_size, vocab_tile):
+    def forward(ctx, hidden, head, teacher_hidden, teacher_head, targets, rows, per_token, forms, tau, n_ids,
+                kd_weight, ce_weight, chunk_size, vocab_tile):
         H = hidden.shape[-1]
         flat, teacher_flat = hidden.detach().reshape(-1, H), teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
         weight, teacher_weight = head.detach()[:n_ids], teacher_head[:n_ids]
@@ -450,8 +501,8 @@ class _FusedHead(torch.autograd.Function):
                 pieces = _whole_rows(h, weight, teacher_h, teacher_weight, target, per_token, tau, kd_weight,
                                      ce_weight, want, sums)
             else:
-                pieces = _vocab_tiles(h, weight, teacher_h, teacher_weight, target, per_token, grad_sum, tau,
-                                      kd_weight, ce_weight, want, sums, vocab_tile, drkl_from_sums)
+                pieces = _vocab_tiles(h, weight, teacher_h, teacher_weight, target, forms, tau, kd_weight,
+                                      ce_weight, want, sums, vocab_tile)
             for cols, g in pieces:                                                 # g: (n, tile) float32
                 grad_hidden.index_add_(0, idx, g @ weight[cols].float())           # (n, H)
                 if want_head:
@@ -467,10 +518,10 @@ class _FusedHead(torch.autograd.Function):
         grad_hidden, grad_head = ctx.grads
         ctx.grads = (None, None)
         if grad_hidden is None:
-            return (None,) * 15
+            return (None,) * 14
         grad_hidden = grad_hidden.mul_(grad_loss).view(ctx.shape).to(ctx.dtypes[0])  # in place: no second copy
         grad_head = None if grad_head is None else grad_head.mul_(grad_loss).to(ctx.dtypes[1])
-        return (grad_hidden, grad_head) + (None,) * 13
+        return (grad_hidden, grad_head) + (None,) * 12
 
 
 def _whole_rows(h, weight, teacher_h, teacher_weight, target, per_token, tau, kd_weight, ce_weight, want, sums):
@@ -490,8 +541,7 @@ def _whole_rows(h, weight, teacher_h, teacher_weight, target, per_token, tau, kd
         yield slice(None), torch.autograd.grad(value, z)[0]
 
 
-def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, per_token, grad_sum, tau, kd_weight, ce_weight,
-                 want, sums, tile, drkl_from_sums=None):
+def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, forms, tau, kd_weight, ce_weight, want, sums, tile):
     """A block of rows, the vocabulary in tiles of `tile` ids: adds the block's KD and CE sums to
     `sums`, yields each tile's logits gradient (n, tile). With log q_v = z_v / tau - lse (per row), the
     objective's gradient w.r.t. the student's logits is
@@ -501,6 +551,7 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, per_token, grad_s
     and CE's is softmax(z)_v - [v = target]. Pass 1 finds each row's log-sum-exps, pass 2 adds up S
     (skipped where a formula gives it: GRAD_SUM), pass 3 makes the tiles' gradients."""
     tiles = [slice(c, min(c + tile, len(weight))) for c in range(0, len(weight), tile)]
+    grad_sum, drkl_from_sums = (forms.grad_sum, forms.drkl) if forms else (None, None)  # forms None: no KD
     student_logits = lambda cols: (h @ weight[cols].t()).float()                    # (n, tile)
     teacher_logits = lambda cols: (teacher_h @ teacher_weight[cols].t()).float()  # (n, tile), no gradient
     def at_target(cols):  # (rows, ids): the entries of a tile that are their row's target
@@ -513,7 +564,7 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, per_token, grad_s
     # needs (GRAD_SUM) and DRKL's (1, 0), also the mean of u - w under those weights. The running sums are
     # float64: a float32 log-sum-exp near 15 rounds by ~1e-6 at each of the hundreds of tiles it adds up
     means = (grad_sum[1] if grad_sum else []) + ([(1, 0)] if drkl_from_sums else [])
-    pairs = [(1, 0)] + ([(0, 1)] + (grad_sum[0] if grad_sum else []) + means if per_token is not None else [])
+    pairs = [(1, 0)] + ([(0, 1)] + (grad_sum[0] if grad_sum else []) + means if forms else [])
     per_row = lambda fill: torch.full((len(h),), fill, dtype=torch.float64, device=h.device)
     log_sum, mean = {pair: per_row(-math.inf) for pair in pairs}, {pair: per_row(0.0) for pair in means}
     lse_1, target_logit, teacher_target_logit = per_row(-math.inf), per_row(0.0), per_row(0.0)
@@ -522,7 +573,7 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, per_token, grad_s
         lse_1 = torch.logaddexp(lse_1, z.logsumexp(-1).double())
         target_logit[here[0]] = z[here].double()
         u, w = kd_part(z, here) / tau, None
-        if per_token is not None:
+        if forms:
             t = teacher_logits(cols)
             teacher_target_logit[here[0]] = t[here].double()
             w = kd_part(t, here) / tau
@@ -549,28 +600,25 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, per_token, grad_s
     lse_1, lse, teacher_lse = (None if x is None else x.float() for x in (lse_1, lse, teacher_lse))  # for the tiles
 
     def kd_of_tile(cols, z):  # (n,) the tile's share of each row's KD; log q and dKD/dlog q (n, tile)
-        with torch.enable_grad():
-            log_q = (z / tau - lse[:, None]).requires_grad_(want)
-            value = per_token(teacher_logits(cols) / tau - teacher_lse[:, None], log_q, None)
-            dlog_q = torch.autograd.grad(value.sum(), log_q)[0] if want else None
-        return value.detach(), log_q.detach(), dlog_q
+        log_q = z / tau - lse[:, None]
+        return *forms.value_and_dlog_q(teacher_logits(cols) / tau - teacher_lse[:, None], log_q), log_q
 
-    pass_2 = per_token is not None and not drkl_from_sums and (grad_sum is None or not want)
+    pass_2 = forms is not None and not drkl_from_sums and (grad_sum is None or not want)
     if pass_2:  # KD's value and S
         S = S if S is not None else torch.zeros(len(h), device=h.device)
         for cols in tiles:
-            value, _, dlog_q = kd_of_tile(cols, student_logits(cols))
+            value, dlog_q, _ = kd_of_tile(cols, student_logits(cols))
             sums[0] += value.sum()
-            S += 0 if dlog_q is None else dlog_q.sum(-1)
-    if not want or (per_token is None and not ce_weight):  # no gradient to make (per_token is None at kd_weight 0)
+            S += dlog_q.sum(-1)
+    if not want or (not forms and not ce_weight):  # no gradient to make (forms is None without KD)
         return
     for cols in tiles:  # pass 3: each tile's gradient
         z = student_logits(cols)
         g = torch.zeros_like(z)
         if drkl_from_sums:  # its value came from pass 1
             g += drkl_gradient(z, teacher_logits(cols), at_target(cols)).mul_(kd_weight / tau)
-        elif per_token is not None:
-            value, log_q, dlog_q = kd_of_tile(cols, z)
+        elif forms:
+            value, dlog_q, log_q = kd_of_tile(cols, z)
             sums[0] += 0 if pass_2 else value.sum()  # KD's value, unless pass 2 added it up
             g += dlog_q.sub_(log_q.exp_().mul_(S[:, None])).mul_(kd_weight / tau)
         if ce_weight:

@@ -85,6 +85,26 @@ def test_the_objectives_that_sum_over_the_vocabulary_are_the_listed_ones(name):
         assert torch.allclose(grad.sum(-1), grad_sum(power), atol=1e-5)
 
 
+@pytest.mark.parametrize("name,hparams", [("js", {}), ("js", {"beta": 0.8}), ("js", {"beta": 0.0}), ("js", {"beta": 1.0}),
+                                          ("sfkl", {}), ("sfkl", {"alpha": 0.0}), ("sfkl", {"alpha": 0.9}),
+                                          ("srkl", {}), ("srkl", {"alpha": 0.0}), ("srkl", {"alpha": 0.9}), ("tvd", {})])
+def test_the_written_out_derivatives_are_autograds(name, hparams):
+    """DLOG_Q (what the tiled path takes for JS, the skew KLs and TVD instead of autograd): each row's value
+    and dKD/dlog q equal the objective's value and autograd's gradient, on rows far apart (logits x 30, as
+    at tau 0.1) and rows where p = q at some ids (TVD's kink: both give 0 there)."""
+    g = torch.Generator().manual_seed(2)
+    log_p = (torch.randn(6, 40, generator=g) * torch.tensor([1.0, 1, 1, 30, 30, 1])[:, None]).log_softmax(-1)
+    log_q = (torch.randn(6, 40, generator=g) * torch.tensor([1.0, 1, 1, 30, 30, 1])[:, None]).log_softmax(-1)
+    log_q[5, :10] = log_p[5, :10]  # p = q at ten ids of the last row
+    log_q = log_q.requires_grad_()
+    want = LOSSES[name](log_p, log_q, None, **hparams)
+    want_grad = torch.autograd.grad(want.sum(), log_q)[0]
+    value, dlog_q = losses.DLOG_Q[name](log_p, log_q.detach(), **{**losses.defaults(LOSSES[name]), **hparams})
+    assert bool(dlog_q.isfinite().all())
+    assert torch.allclose(value, want.detach(), rtol=1e-6, atol=1e-7)
+    assert torch.allclose(dlog_q, want_grad, rtol=1e-5, atol=1e-7)
+
+
 def test_the_tiled_path_takes_the_objectives_hyperparameters():
     """sym's weight enters both its value and the formula for S (GRAD_SUM); js's beta its value; ab's
     alpha and beta its value and which of its five formulas for S; drkl's gamma its form from row sums."""
