@@ -548,10 +548,11 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, forms, tau, kd_we
 
         dKD/dz_v = (dKD/dlog q_v - q_v S) / tau,    S = sum_u dKD/dlog q_u   (per row)
 
-    and CE's is softmax(z)_v - [v = target]. Pass 1 finds each row's log-sum-exps, pass 2 adds up S
-    (skipped where a formula gives it: GRAD_SUM), pass 3 makes the tiles' gradients."""
+    and CE's is softmax(z)_v - [v = target]. Pass 1 adds up each row's log-sum-exps and what the formulas
+    for S (GRAD_SUM) and DRKL's form need; pass 2 adds up S where no formula gives it (and KD's value);
+    pass 3 makes the tiles' gradients. forms: the objective's TileForms, None without KD."""
     tiles = [slice(c, min(c + tile, len(weight))) for c in range(0, len(weight), tile)]
-    grad_sum, drkl_from_sums = (forms.grad_sum, forms.drkl) if forms else (None, None)  # forms None: no KD
+    grad_sum, drkl_from_sums = (forms.grad_sum, forms.drkl) if forms else (None, None)
     student_logits = lambda cols: (h @ weight[cols].t()).float()                    # (n, tile)
     teacher_logits = lambda cols: (teacher_h @ teacher_weight[cols].t()).float()  # (n, tile), no gradient
     def at_target(cols):  # (rows, ids): the entries of a tile that are their row's target
@@ -604,12 +605,13 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, forms, tau, kd_we
         return *forms.value_and_dlog_q(teacher_logits(cols) / tau - teacher_lse[:, None], log_q), log_q
 
     pass_2 = forms is not None and not drkl_from_sums and (grad_sum is None or not want)
-    if pass_2:  # KD's value and S
-        S = S if S is not None else torch.zeros(len(h), device=h.device)
+    if pass_2:  # KD's value, and S where no formula gave it
+        added = torch.zeros(len(h), device=h.device)
         for cols in tiles:
             value, dlog_q, _ = kd_of_tile(cols, student_logits(cols))
             sums[0] += value.sum()
-            S += dlog_q.sum(-1)
+            added += dlog_q.sum(-1)
+        S = added if S is None else S
     if not want or (not forms and not ce_weight):  # no gradient to make (forms is None without KD)
         return
     for cols in tiles:  # pass 3: each tile's gradient
