@@ -120,7 +120,7 @@ def build_parser(description=None):
                    "block for the training step, lengths padded to multiples of --max-len / 4, attention by the causal "
                    "flag alone (default: on a GPU; off on CPU, where compiling costs more than it saves)")
     p.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=True, help="apply the output "
-                   "head inside the KD loss, piece by piece, so no (B, T, V) logits exist (losses.fused_distill_loss); "
+                   "head inside the KD loss, piece by piece, so no (B, T, V) logits exist (fused_loss.fused_distill_loss); "
                    "--no-fused-loss makes the logits and calls distill_loss_chunked: the same loss to float rounding")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule still "
                    "spans --epochs), validate and save best/ and last.pt, so --resume continues")

@@ -39,7 +39,8 @@ import on_policy
 import plots
 import responses
 import toy
-from losses import HPARAMS, fused_distill_loss, logits_distill_loss
+from fused_loss import fused_distill_loss
+from losses import HPARAMS, logits_distill_loss
 from model import GPT
 
 
@@ -53,7 +54,7 @@ def loss_step(args, student, teacher, batch, kd_batch, autocast, n_ids, ce_weigh
     itself (the paper's step), or the student's own responses to its prompts (on_policy.py), over
     the tokenizer's n_ids ids (an embedding's rows beyond are padding: METHOD.md section 4).
 
-    Both models stop before their heads: losses.fused_distill_loss makes the logits piece by piece,
+    Both models stop before their heads: fused_loss.fused_distill_loss makes the logits piece by piece,
     so no (B, T, V) tensor exists (--no-fused-loss: all logits, then distill_loss_chunked). Both
     compute losses.distill_loss - read that one: tau, the objective, the sum."""
     hparams = {k: getattr(args, k) for k in HPARAMS}  # None: the objective's default

@@ -10,7 +10,7 @@ Every case starts from the student's and teacher's last hidden states and head w
 models hold anyway) and runs in a fresh process (peak RSS is per process):
   plain     the heads' logits, then losses.distill_loss (the readable form, plain autograd)
   chunked   the heads' logits, then losses.distill_loss_chunked (train.py --no-fused-loss; until #23)
-  fused     losses.fused_distill_loss (what train.py runs)
+  fused     fused_loss.fused_distill_loss (what train.py runs)
   frozen    the same with the student's head frozen, as in a LoRA student: no (V, H) weight gradient
   liger     Liger's LigerFusedLinearJSDLoss, its pure-torch chunked path (compiled=False: its Triton
             kernels do not run on CPU), default chunk of 1,024 rows; JSD only
@@ -29,6 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fused_loss  # noqa: E402
 import losses  # noqa: E402
 from bench_losses import peak_bytes, reset_peak, rss_bytes  # noqa: E402  (this folder is on the path)
 
@@ -59,7 +60,7 @@ def measure_one(name, impl, N, H, V, pieces):
     before = rss_bytes()
     start = time.perf_counter()
     if impl in ("fused", "frozen"):
-        loss, _, _ = losses.fused_distill_loss(name, student_hidden, head, teacher_hidden, teacher_head, labels,
+        loss, _, _ = fused_loss.fused_distill_loss(name, student_hidden, head, teacher_hidden, teacher_head, labels,
                                                tau=2.0, **pieces)
     elif impl == "liger":
         loss = loss_fn(student_hidden.view(N, H), head, teacher_hidden.view(N, H), teacher_head, labels.view(N))
@@ -87,8 +88,8 @@ def main():
     p.add_argument("--V", type=int, default=151936)
     p.add_argument("--impls", default="chunked,fused,frozen", help="of: plain, chunked, fused, frozen, liger, "
                    "torchtune (chunked is the time baseline: always include it)")
-    p.add_argument("--chunk-size", type=int, help="fused: rows a piece (default: chosen by losses.py)")
-    p.add_argument("--vocab-tile", type=int, help="fused: ids a vocabulary tile (default: chosen by losses.py)")
+    p.add_argument("--chunk-size", type=int, help="fused: rows a piece (default: chosen by fused_loss.py)")
+    p.add_argument("--vocab-tile", type=int, help="fused: ids a vocabulary tile (default: chosen by fused_loss.py)")
     p.add_argument("--one", nargs=2, metavar=("LOSS", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args()
     pieces = {k: v for k, v in (("chunk_size", args.chunk_size), ("vocab_tile", args.vocab_tile)) if v}

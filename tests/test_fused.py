@@ -1,4 +1,4 @@
-"""losses.fused_distill_loss (#23, the output head fused into the loss): from hidden states and head
+"""fused_loss.fused_distill_loss (#23, the output head fused into the loss): from hidden states and head
 weights, the same value and the same gradients (hidden states, head weight) as the plain distill_loss
 and CE on the full logits, for every objective, several tau, tied and untied heads, heads wider than the
 tokenizer, and a kd/CE mix, both in chunks of whole rows and in tiles of the vocabulary; bf16 inputs
@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from conftest import assert_float32_close
+import fused_loss
 import losses
-from losses import GRAD_SUM, LOSSES, SUMS_OVER_VOCAB, TILED, ce_loss, distill_loss, fused_distill_loss
+from fused_loss import GRAD_SUM, SUMS_OVER_VOCAB, TILED, fused_distill_loss
+from losses import LOSSES, ce_loss, distill_loss
 
 
 def setting(seed=0, V=40, n_ids=37, tied=False):
@@ -62,7 +64,7 @@ def test_fused_equals_the_plain_form_in_value_and_gradient(name, split, tau):
 def test_the_objectives_that_sum_over_the_vocabulary_are_the_listed_ones(name):
     """What the tiled path relies on: for the SUMS_OVER_VOCAB objectives the value on the whole
     vocabulary is the sum of the values on two parts of it (log-probabilities normalised over the
-    whole); AKL and DRKL are not (DRKL takes tiles through a form of its own, losses._drkl_from_sums;
+    whole); AKL and DRKL are not (DRKL takes tiles through a form of its own, fused_loss._drkl_from_sums;
     AKL whole rows). GRAD_SUM's formulas give the sum of the gradient w.r.t. log q (autograd), from sums
     of powers of p and q computed here from the whole rows; AB's in its general case and its four limits."""
     g = torch.Generator().manual_seed(1)
@@ -99,7 +101,7 @@ def test_the_written_out_derivatives_are_autograds(name, hparams):
     log_q = log_q.requires_grad_()
     want = LOSSES[name](log_p, log_q, None, **hparams)
     want_grad = torch.autograd.grad(want.sum(), log_q)[0]
-    value, dlog_q = losses.DLOG_Q[name](log_p, log_q.detach(), **{**losses.defaults(LOSSES[name]), **hparams})
+    value, dlog_q = fused_loss.DLOG_Q[name](log_p, log_q.detach(), **{**losses.defaults(LOSSES[name]), **hparams})
     assert bool(dlog_q.isfinite().all())
     assert torch.allclose(value, want.detach(), rtol=1e-6, atol=1e-7)
     assert torch.allclose(dlog_q, want_grad, rtol=1e-5, atol=1e-7)
@@ -126,8 +128,8 @@ def test_a_large_vocabulary_takes_tiles_by_itself_and_a_small_one_whole_rows(mon
     tiles beyond (V = 10,000: 209 rows), DRKL too; AKL whole rows always; the value and gradient as plain."""
     calls = []
     for piece in ("_whole_rows", "_vocab_tiles"):
-        real = getattr(losses, piece)
-        monkeypatch.setattr(losses, piece, lambda *a, real=real, piece=piece, **k: calls.append(piece) or real(*a, **k))
+        real = getattr(fused_loss, piece)
+        monkeypatch.setattr(fused_loss, piece, lambda *a, real=real, piece=piece, **k: calls.append(piece) or real(*a, **k))
     for name, V, path in (("rkl", 10_000, "_vocab_tiles"), ("drkl", 10_000, "_vocab_tiles"), ("akl", 10_000, "_whole_rows"),
                           ("rkl", 8_000, "_whole_rows")):
         calls.clear()
