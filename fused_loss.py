@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from losses import LOG_ZERO, LOSSES, ce, check_objective, defaults, js, kl, log_of, log_probs
+from losses import LOG_ZERO, LOSSES, ce, check_objective, defaults, kl, log_of, log_probs
 
 
 # With 128k-152k-token vocabularies the logits, not the weights, decide what fits. fused_distill_loss
@@ -63,9 +63,17 @@ GRAD_SUM = {"fkl": lambda: ([], [], lambda power: -power(0, 1)[0]),
 # Where S is added up (JS, the skew KLs, TVD), passes 2 and 3 make dKD/dlog q at every tile; through
 # autograd that costs 1.2-3 times the derivative written out, so here it is (tested against autograd):
 # (log_p, log_q) of a tile, the hyper-parameters -> (each row's value, dKD/dlog q).
+def _fkl_tile(log_p, log_q):  # d/dlog q_v = -p_v   (JS at beta = 0)
+    return kl(log_p, log_q), -log_p.exp()
+
+
+def _rkl_tile(log_p, log_q):  # d/dlog q_v = q_v (log q_v - log p_v + 1)   (JS at beta = 1, SRKL at alpha = 0)
+    return kl(log_q, log_p), log_q.exp() * (log_q - log_p + 1)
+
+
 def _js_tile(log_p, log_q, beta):  # d/dlog q_v = (1 - beta) q_v (log q_v - log m_v)
     if beta == 0 or beta == 1:  # FKL, RKL
-        return js(log_p, log_q, beta=beta), -log_p.exp() if beta == 0 else log_q.exp() * (log_q - log_p + 1)
+        return _fkl_tile(log_p, log_q) if beta == 0 else _rkl_tile(log_p, log_q)
     log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1 - beta))
     q_part = log_q.exp() * (log_q - log_m)
     return beta * kl(log_p, log_m) + (1 - beta) * q_part.sum(-1), q_part.mul_(1 - beta)
@@ -78,7 +86,7 @@ def _sfkl_tile(log_p, log_q, alpha):  # m = alpha p + (1 - alpha) q:  d/dlog q_v
 
 def _srkl_tile(log_p, log_q, alpha):  # m = alpha q + (1 - alpha) p:  d/dlog q_v = q_v (log q_v - log m_v + 1 - alpha q_v / m_v)
     if alpha == 0:  # RKL (q / m = q / p need not be finite)
-        return kl(log_q, log_p), log_q.exp() * (log_q - log_p + 1)
+        return _rkl_tile(log_p, log_q)
     log_m = torch.logaddexp(log_q + log_of(alpha), log_p + log_of(1 - alpha))
     q, log_ratio = log_q.exp(), log_q - log_m
     return (q * log_ratio).sum(-1), log_ratio.exp().mul_(-alpha).add_(log_ratio).add_(1).mul_(q)
@@ -247,11 +255,11 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, forms, tau, kd_we
             w = kd_part(t, here) / tau
         for a, b in log_sum:
             x = _exponent(a, b, u, w)
-            tile_sum = x.logsumexp(-1).double()
-            new_sum = torch.logaddexp(log_sum[a, b], tile_sum)
+            tile_lse = x.logsumexp(-1)
+            tile_sum, new_sum = tile_lse.double(), torch.logaddexp(log_sum[a, b], tile_lse.double())
             if (a, b) in mean:  # each tile's mean, weighted by its share of the weights (clamped: a tile
                 # holding nothing but a target, the first one too, has sum -inf)
-                tile_mean = ((x - tile_sum.float().clamp_min(LOG_ZERO)[:, None]).exp() * (z - t)).sum(-1).double() / tau
+                tile_mean = ((x - tile_lse.clamp_min(LOG_ZERO)[:, None]).exp() * (z - t)).sum(-1).double() / tau
                 old, add = (log_sum[a, b] - new_sum.clamp_min(LOG_ZERO)).exp(), (tile_sum - new_sum.clamp_min(LOG_ZERO)).exp()
                 mean[a, b] = mean[a, b] * old + tile_mean * add
             log_sum[a, b] = new_sum
@@ -282,17 +290,17 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, forms, tau, kd_we
     if not want or (not forms and not ce_weight):  # no gradient to make (forms is None without KD)
         return
     for cols in tiles:  # pass 3: each tile's gradient
-        z = student_logits(cols)
+        z, here = student_logits(cols), at_target(cols)
         g = torch.zeros_like(z)
         if drkl_from_sums:  # its value came from pass 1
-            g += drkl_gradient(z, teacher_logits(cols), at_target(cols)).mul_(kd_weight / tau)
+            g += drkl_gradient(z, teacher_logits(cols), here).mul_(kd_weight / tau)
         elif forms:
             value, dlog_q, log_q = kd_of_tile(cols, z)
             sums[0] += 0 if pass_2 else value.sum()  # KD's value, unless pass 2 added it up
             g += dlog_q.sub_(log_q.exp_().mul_(S[:, None])).mul_(kd_weight / tau)
         if ce_weight:
             g += (z - lse_1[:, None]).exp_().mul_(ce_weight)
-            g[at_target(cols)] -= ce_weight
+            g[here] -= ce_weight
         yield cols, g
 
 
