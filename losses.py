@@ -327,9 +327,9 @@ class _ChunkedSum(torch.autograd.Function):
 
 
 def logits_distill_loss(name, student_hidden, student_head, teacher_hidden, teacher_head, labels, tau=1.0,
-                        n_ids=None, kd_weight=1.0, ce_weight=0.0, tau_sq=False, **hparams):
+                        n_ids=None, kd_weight=1.0, ce_weight=0.0, tau_sq=False, compiled=False, **hparams):
     """fused_distill_loss's arguments and results, computed from the whole logits (B, T, V) with
-    distill_loss_chunked and ce_loss (train.py --no-fused-loss)."""
+    distill_loss_chunked and ce_loss (train.py --no-fused-loss; `compiled` is for the fused tiles alone)."""
     n_ids = n_ids or student_head.shape[0]
     student_logits = F.linear(student_hidden, student_head[:n_ids]).float()  # (B, T, V)
     ce_sum = ce_loss(student_logits if ce_weight else student_logits.detach(), labels, reduction="sum")

@@ -65,7 +65,7 @@ def loss_step(args, student, teacher, batch, kd_batch, autocast, n_ids, ce_weigh
         loss_from_hidden = fused_distill_loss if args.fused_loss else logits_distill_loss
         head = lambda hidden, head: loss_from_hidden(args.loss, hidden, head, teacher_hidden, teacher_head, labels,
                                                      tau=args.tau, n_ids=n_ids, kd_weight=kd_weight, ce_weight=ce_weight,
-                                                     tau_sq=args.tau_sq, **hparams)
+                                                     tau_sq=args.tau_sq, compiled=args.compile_loss, **hparams)
         with autocast(), torch.set_grad_enabled(bool(ce_weight or kd_weight)):
             return student(input_ids, mask(batch), head=head)  # the loss is computed in place of the head
 
@@ -135,6 +135,8 @@ def train(args, commands=("the same command", "the same command with --resume"))
         stop_at = min(total_steps, args.max_steps or total_steps)
         progress = checkpoint.Progress(args, out, state, stop_at, run.is_main)  # the bar and log.jsonl
         save = lambda: checkpoint.save(out / "last.pt", args, state, run.student, run.optimizer, run.is_main, stop)
+        graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]  # counted over the process
+        graphs_before = graphs()
         while state["step"] < stop_at:
             epoch = state["epoch"]
             order = epoch_order(len(run.train_set), epoch, args.seed, run.rank, run.world_size)
@@ -167,8 +169,8 @@ def train(args, commands=("the same command", "the same command with --resume"))
             if stop.check():  # a signal during the validation
                 break
         progress.close()
-        if args.compile and run.is_main:
-            tqdm.write(f"torch.compile: {torch._dynamo.utils.counters['stats']['unique_graphs']} graphs compiled")
+        if (args.compile or graphs() > graphs_before) and run.is_main:
+            tqdm.write(f"torch.compile: {graphs() - graphs_before} graphs compiled")
         finish(args, run, state, stop, total_steps)
     return out
 
@@ -277,6 +279,8 @@ def load_run(args, stop=None):
         raise too_few(len(train_set))
     student = lora.add(student, args.lora_rank, args.lora_alpha) if args.lora_rank else student  # frozen, but A, B
     student.checkpointing = args.activation_checkpointing
+    # the fused loss's vocabulary tiles compile on a CPU too, where whole blocks do not pay (docs/training.md)
+    args.compile_loss = args.compile is not False
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     if args.compile:  # the step's forwards: one graph per length bucket (printed after the loop)
         for model in filter(None, (student, teacher)):

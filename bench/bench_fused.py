@@ -10,7 +10,7 @@ Every case starts from the student's and teacher's last hidden states and head w
 models hold anyway) and runs in a fresh process (peak RSS is per process):
   plain     the heads' logits, then losses.distill_loss (the readable form, plain autograd)
   chunked   the heads' logits, then losses.distill_loss_chunked (train.py --no-fused-loss; until #23)
-  fused     fused_loss.fused_distill_loss (what train.py runs)
+  fused     fused_loss.fused_distill_loss, compiled (what train.py runs; timed after a first call that compiles)
   frozen    the same with the student's head frozen, as in a LoRA student: no (V, H) weight gradient
   liger     Liger's LigerFusedLinearJSDLoss, its pure-torch chunked path (compiled=False: its Triton
             kernels do not run on CPU), default chunk of 1,024 rows; JSD only
@@ -56,12 +56,19 @@ def measure_one(name, impl, N, H, V, pieces):
     labels = torch.randint(0, V, (1, N))
     labels[:, : N // 8] = -100  # a prompt
     loss_fn = peer_loss(impl) if impl in ("liger", "torchtune") else None
+    fused = lambda: fused_loss.fused_distill_loss(name, student_hidden, head, teacher_hidden, teacher_head, labels,
+                                                  tau=2.0, compiled=True, **pieces)[0]
+    compile_seconds = None
+    if impl in ("fused", "frozen"):  # as in training, compiled once before the steps that are measured
+        start = time.perf_counter()
+        fused().backward()
+        compile_seconds = time.perf_counter() - start
+        student_hidden.grad = head.grad = None
     reset_peak()
     before = rss_bytes()
     start = time.perf_counter()
     if impl in ("fused", "frozen"):
-        loss, _, _ = fused_loss.fused_distill_loss(name, student_hidden, head, teacher_hidden, teacher_head, labels,
-                                               tau=2.0, **pieces)
+        loss = fused()
     elif impl == "liger":
         loss = loss_fn(student_hidden.view(N, H), head, teacher_hidden.view(N, H), teacher_head, labels.view(N))
     elif impl == "torchtune":  # its recipes' logits: one (B, T/8, V) tensor per chunk of positions
@@ -77,7 +84,8 @@ def measure_one(name, impl, N, H, V, pieces):
         loss = loss_fn(name, student_logits, teacher_logits, labels, tau=2.0, reduction="sum")
     loss.backward()
     seconds = time.perf_counter() - start
-    print(json.dumps({"extra": peak_bytes() - before, "seconds": seconds, "loss": float(loss.detach())}))
+    print(json.dumps({"extra": peak_bytes() - before, "seconds": seconds, "loss": float(loss.detach()),
+                      "first_call_seconds": compile_seconds}))
 
 
 def main():
@@ -118,7 +126,10 @@ def main():
                 if run.returncode:
                     why = (run.stderr.strip().splitlines() or [f"killed by signal {-run.returncode} (out of memory?)"])[-1]
                     raise SystemExit(f"error: {name} {impl} failed: {why}")
-                result.setdefault(impl, {})[measure] = json.loads(run.stdout)[measure]
+                out = json.loads(run.stdout)
+                result.setdefault(impl, {})[measure] = out[measure]
+                if measure == "seconds" and out["first_call_seconds"]:  # the call that compiled
+                    result[impl]["first_call_seconds"] = out["first_call_seconds"]
         cell = lambda impl, value: value if impl in result else "-"
         memory = [cell(i, f"{result.get(i, {}).get('extra', 0) / logits_bytes:.3f}x") for i in impls]
         times = [cell(i, f"{result.get(i, {}).get('seconds', 0) / result['chunked']['seconds']:.2f}")

@@ -26,7 +26,7 @@ def test_bucketed_causal_only_batches_give_the_masked_steps_loss_and_gradients(n
     student, teacher = models(tied=False)
     results = []
     for compiled, bucket in ((False, 1), (True, 16)):
-        args = types.SimpleNamespace(loss=name, tau=2.0, tau_sq=False, kd_ratio=0.7, fused_loss=True, compile=compiled,
+        args = types.SimpleNamespace(loss=name, tau=2.0, tau_sq=False, kd_ratio=0.7, fused_loss=True, compile=compiled, compile_loss=compiled,
                                      **dict.fromkeys(HPARAMS))
         batch = data.collate_train(examples(), pad_id=0, bucket=bucket)
         assert batch[0].shape[1] % bucket == 0 and (bucket == 1 or batch[0].shape[1] > 14)

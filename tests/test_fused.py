@@ -87,11 +87,12 @@ def test_the_objectives_that_sum_over_the_vocabulary_are_the_listed_ones(name):
         assert torch.allclose(grad.sum(-1), grad_sum(power), atol=1e-5)
 
 
-@pytest.mark.parametrize("name,hparams", [("js", {}), ("js", {"beta": 0.8}), ("js", {"beta": 0.0}), ("js", {"beta": 1.0}),
+@pytest.mark.parametrize("name,hparams", [("fkl", {}), ("rkl", {}), ("sym", {}), ("sym", {"weight": 0.0}), ("sym", {"weight": 1.0}),
+                                          ("js", {}), ("js", {"beta": 0.8}), ("js", {"beta": 0.0}), ("js", {"beta": 1.0}),
                                           ("sfkl", {}), ("sfkl", {"alpha": 0.0}), ("sfkl", {"alpha": 0.9}),
                                           ("srkl", {}), ("srkl", {"alpha": 0.0}), ("srkl", {"alpha": 0.9}), ("tvd", {})])
 def test_the_written_out_derivatives_are_autograds(name, hparams):
-    """DLOG_Q (what the tiled path takes for JS, the skew KLs and TVD instead of autograd): each row's value
+    """DLOG_Q (what the tiled path takes instead of autograd, for all but AB): each row's value
     and dKD/dlog q equal the objective's value and autograd's gradient, on rows far apart (logits x 30, as
     at tau 0.1) and rows where p = q at some ids (TVD's kink: both give 0 there)."""
     g = torch.Generator().manual_seed(2)
@@ -105,6 +106,42 @@ def test_the_written_out_derivatives_are_autograds(name, hparams):
     assert bool(dlog_q.isfinite().all())
     assert torch.allclose(value, want.detach(), rtol=1e-6, atol=1e-7)
     assert torch.allclose(dlog_q, want_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(TILED) + ["none"])
+def test_compiled_tiles_equal_the_plain_form(name):
+    """compiled=True (torch.compile of each tile's element-wise work; what train.py runs on the tiled path):
+    the same value and gradients as distill_loss and CE, for every tiled objective and without a teacher."""
+    inputs = setting()
+    kd_weight, teacher = (0.0, (None, None)) if name == "none" else (0.7, inputs[2:4])
+    want, _, want_ce = plain("fkl" if name == "none" else name, *inputs, 2.5, 37, kd_weight, 0.3)
+    got, _, ce = fused_distill_loss("fkl" if name == "none" else name, inputs[0], inputs[1], *teacher, inputs[4],
+                                    tau=2.5, n_ids=37, kd_weight=kd_weight, ce_weight=0.3, compiled=True, **PIECES["vocab"])
+    assert_close(got.detach(), want.detach())
+    assert_close(ce, want_ce.detach())
+    for a, b in zip(torch.autograd.grad(got, inputs[:2]), torch.autograd.grad(want, inputs[:2])):
+        assert_close(a, b)
+
+
+def test_compiled_tiles_compile_once_for_a_run():
+    """What changes from one training step to the next - the loss weights (a token mean divides by the
+    batch's token count), the number of response rows - compiles nothing new."""
+    import torch._dynamo.utils
+    graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    def call(seed, tau, kd_weight, prompt=2):  # labels -100 on `prompt` more positions: fewer rows
+        inputs = setting(seed)
+        inputs[4][0, 2:2 + prompt] = -100
+        fused_distill_loss("js", *inputs, tau=tau, n_ids=37, kd_weight=kd_weight, ce_weight=1 - kd_weight,
+                           compiled=True, **PIECES["vocab"])[0].backward()
+    start = graphs()
+    call(0, 1.5, 0.5)  # 6 rows: one block; tiles of 7 ids, then 2
+    call(1, 1.5, 0.5, prompt=0)  # 8 rows: 5, then 3
+    before = graphs()
+    assert before > start
+    call(2, 1.5, 0.25, prompt=1)
+    call(3, 1.5, 0.125, prompt=3)
+    assert graphs() == before
 
 
 def test_the_tiled_path_takes_the_objectives_hyperparameters():
@@ -315,7 +352,7 @@ def test_the_training_step_is_the_same_fused_and_from_logits(name, split, tied, 
     student, teacher = models(tied)
     on, kd_on = batch(1), batch(2, T=12)
     for tau, kd_ratio, kd_batch in ((1.0, 1.0, on), (3.0, 0.6, on), (2.0, 0.5, kd_on)):
-        args = types.SimpleNamespace(loss=name, tau=tau, tau_sq=False, kd_ratio=kd_ratio, compile=False,
+        args = types.SimpleNamespace(loss=name, tau=tau, tau_sq=False, kd_ratio=kd_ratio, compile=False, compile_loss=False,
                                      **dict.fromkeys(HPARAMS))
         results = []
         for fused in (True, False):
@@ -337,7 +374,7 @@ def test_sft_step_is_the_same_fused_and_from_logits():
     import train
     student, _ = models(tied=False)
     from losses import HPARAMS
-    args = types.SimpleNamespace(loss="fkl", tau=1.0, tau_sq=False, kd_ratio=1.0, compile=False, **dict.fromkeys(HPARAMS))
+    args = types.SimpleNamespace(loss="fkl", tau=1.0, tau_sq=False, kd_ratio=1.0, compile=False, compile_loss=False, **dict.fromkeys(HPARAMS))
     sft_batch, results = batch(1), []
     for fused in (True, False):
         args.fused_loss = fused
