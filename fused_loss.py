@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from losses import LOG_ZERO, LOSSES, ce, check_objective, defaults, kl, log_of, log_probs
+from losses import LOG_ZERO, LOSSES, akl_head_weight, ce, check_objective, defaults, kl, log_of, log_probs
 
 
 # With 128k-152k-token vocabularies the logits, not the weights, decide what fits. fused_distill_loss
@@ -28,7 +28,11 @@ from losses import LOG_ZERO, LOSSES, ce, check_objective, defaults, kl, log_of, 
 # measures both). Tiles serve the objectives whose value is a sum over the vocabulary of a function
 # of (log p_v, log q_v) (SUMS_OVER_VOCAB), and DRKL, which is such a sum over the ids other than the
 # target plus a term of the target's probabilities (_drkl_from_sums). AKL's head, the teacher's most
-# likely tokens, needs each whole row sorted: AKL keeps whole rows.
+# likely tokens, needs each whole row sorted: AKL keeps whole rows, and where they are few a chunk it
+# takes them as one tile (logits made once), for its derivative written out: autograd through the sort
+# holds more (n, V) tensors. A tile's element-wise work is a few plain functions (_tile_sums,
+# _tile_kd_sums, _tile_gradient) that torch.compile makes into a loop or two (compiled=True, what
+# train.py runs): that leaves the head's products, 80-90 % of the time.
 #
 # The gradient of a tile needs each row's S = sum_v dKD/dlog q_v. Where a formula gives S from sums
 # the first pass adds up as it goes - power(a, b) = (sum_v q_v^a p_v^b, the mean of log q_v - log p_v
@@ -102,7 +106,19 @@ def _tvd_tile(log_p, log_q):  # d/dlog q_v = sign(q_v - p_v) q_v / 2
     return 0.5 * (p - q).abs().sum(-1), (q - p).sign_().mul_(q).mul_(0.5)
 
 
+def _akl_rows(log_p, log_q, mu):  # SYM with each row's weight g = g_head, which takes no gradient:
+    """AKL's value and dKD/dlog q on whole rows (its head is each row's teacher probabilities, sorted),
+    in few (n, V) temporaries: d/dlog q_v = -g p_v + (1 - g) q_v (log q_v - log p_v + 1)."""
+    # (n,) four rows at a time: sorting a row makes its values and int64 order, the peak of a chunk otherwise
+    weight = torch.cat([akl_head_weight(log_p[i:i + 4], log_q[i:i + 4], mu) for i in range(0, len(log_p), 4)])
+    log_ratio, p, q = log_q - log_p, log_p.exp(), log_q.exp()
+    dot = lambda a, b: torch.einsum("nv,nv->n", a, b)  # sum_v a_v b_v per row, with no (n, V) product made
+    value = weight * dot(p, log_ratio).neg_() + (1 - weight) * dot(q, log_ratio)
+    return value, log_ratio.add_(1).mul_(q).mul_(1 - weight[:, None]).sub_(p.mul_(weight[:, None]))
+
+
 DLOG_Q = {"fkl": _fkl_tile, "rkl": _rkl_tile, "sym": _sym_tile, "js": _js_tile, "sfkl": _sfkl_tile, "srkl": _srkl_tile, "tvd": _tvd_tile}
+ROW_DLOG_Q = {"akl": _akl_rows}  # on whole rows only
 
 
 def _autograd_dlog_q(objective):
@@ -143,15 +159,16 @@ def fused_distill_loss(name, student_hidden, student_head, teacher_hidden, teach
     # larger pieces (kernel launches, not cache, set its speed there; sizes not measured on one)
     cpu = student_hidden.device.type == "cpu"
     whole_rows = max(1, (2**21 if cpu else 2**25) // n_ids)
-    if (per_token is None or name in TILED) and (vocab_tile or (chunk_size is None and whole_rows < 256)):
+    few_rows = chunk_size is None and whole_rows < 256  # a chunk too thin for the head's products to pay
+    if (per_token is None or name in TILED) and (vocab_tile or few_rows):
         chunk_size, vocab_tile = chunk_size or (1024 if cpu else 4096), vocab_tile or (512 if cpu else 2048)
-    else:
-        chunk_size, vocab_tile = chunk_size or whole_rows, None
+    else:  # whole rows; AKL's in thin chunks as one tile each, for its derivative written out (less memory)
+        chunk_size, vocab_tile = chunk_size or whole_rows, n_ids if name in ROW_DLOG_Q and few_rows else None
     kd_weight = kd_weight * (tau**2 if tau_sq else 1)
     forms = None if per_token is None or vocab_tile is None else TileForms(
         grad_sum=GRAD_SUM[name](**hparams) if name in GRAD_SUM else None,
         drkl=(lambda *sums: _drkl_from_sums(*sums, **hparams)) if name == "drkl" else None,
-        value_and_dlog_q=DLOG_Q.get(name) or _autograd_dlog_q(LOSSES[name]), hparams=hparams)
+        value_and_dlog_q=DLOG_Q.get(name) or ROW_DLOG_Q.get(name) or _autograd_dlog_q(LOSSES[name]), hparams=hparams)
     ops = _tile_ops(compiled and vocab_tile is not None, compile_kd=forms is None or name in DLOG_Q)
     loss, kd, ce = _FusedHead.apply(student_hidden, student_head, teacher_hidden.detach(), teacher_head.detach(),
                                     labels.reshape(-1), rows, per_token, forms, tau, n_ids, kd_weight, ce_weight,
@@ -237,6 +254,9 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, forms, tau, kd_we
     grad_sum, drkl_from_sums = (forms.grad_sum, forms.drkl) if forms else (None, None)
     student_logits = lambda cols: (h @ weight[cols].t()).float()                    # (n, tile)
     teacher_logits = lambda cols: (teacher_h @ teacher_weight[cols].t()).float()  # (n, tile), no gradient
+    if len(tiles) == 1:  # one tile of whole rows (AKL's thin chunks): its logits are made once, kept for the passes
+        z_rows, t_rows = student_logits(tiles[0]), teacher_logits(tiles[0]) if forms else None
+        student_logits, teacher_logits = (lambda cols: z_rows), (lambda cols: t_rows)
     def at_target(cols):  # (rows, ids): the entries of a tile that are their row's target
         rows = ((target >= cols.start) & (target < cols.stop)).nonzero()[:, 0]
         return rows, target[rows] - cols.start
@@ -280,7 +300,8 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, forms, tau, kd_we
     lse_1, lse, teacher_lse = (None if x is None else x.float() for x in (lse_1, lse, teacher_lse))  # for the tiles
     kd_form = None if forms is None or drkl_from_sums else (forms.value_and_dlog_q, forms.hparams)
 
-    pass_2 = kd_form is not None and (grad_sum is None or not want)
+    # one tile of whole rows (AKL's chunks) makes S from its own dKD/dlog q in pass 3, so needs no pass 2
+    pass_2 = kd_form is not None and (grad_sum is None or not want) and not (want and len(tiles) == 1)
     if pass_2:  # KD's value, and S where no formula gave it
         added = torch.zeros(len(h), device=h.device)
         for cols in tiles:
@@ -341,10 +362,12 @@ def _tile_kd_sums(value_and_dlog_q, hparams, z, t, lse, teacher_lse, tau):
 def _tile_gradient(value_and_dlog_q, hparams, z, t, lse, teacher_lse, S, lse_1, tau, scales):
     """Pass 3 on a tile: (each row's share of KD's value, the tile's gradient (n, tile) of
     kd_weight KD + ce_weight CE w.r.t. z but for CE's -ce_weight at the target), scales = (kd_weight /
-    tau, ce_weight); without value_and_dlog_q no KD, without lse_1 (CE's log-sum-exp) no CE."""
+    tau, ce_weight); without value_and_dlog_q no KD, without lse_1 (CE's log-sum-exp) no CE; S None: the
+    tile holds whole rows."""
     value, g = None, None
     if value_and_dlog_q is not None:
         value, dlog_q, log_q = _tile_kd(value_and_dlog_q, hparams, z, t, lse, teacher_lse, tau)
+        S = dlog_q.sum(-1) if S is None else S  # None: the tile is whole rows, S its own sum
         g = dlog_q.sub_(log_q.exp_().mul_(S[:, None])).mul_(scales[0])
     if lse_1 is not None:
         ce_part = (z - lse_1[:, None]).exp_().mul_(scales[1])

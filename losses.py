@@ -120,16 +120,26 @@ def akl(log_p, log_q, target=None, mu=0.5):
     Head = the teacher's most likely tokens whose cumulative mass (inclusive) is <= mu, plus always
     the top-1; tail = the rest. With e = |p - q| (student detached):
         g_head = sum_head e / sum_all e,   g_tail = 1 - g_head"""
-    p, q = log_p.exp(), log_q.detach().exp()
+    g_head = akl_head_weight(log_p, log_q.detach(), mu)
+    return g_head * kl(log_p, log_q) + (1 - g_head) * kl(log_q, log_p)
+
+
+def akl_head_weight(log_p, log_q, mu):
+    """AKL's g_head, per row."""
+    p = log_p.exp()
+    head = _akl_head(p, mu)
+    gap = (p - log_q.exp()).abs()
+    total = gap.sum(-1)
+    # total = 0 means p = q: both KLs are 0 and any weights will do
+    return torch.where(total > 0, (gap * head).sum(-1) / total.clamp_min(1e-30), 0.5)
+
+
+def _akl_head(p, mu):
+    """AKL's head (bool, like p): each row's most likely ids whose cumulative mass is <= mu, and the top-1."""
     p_sorted, order = p.sort(-1, descending=True)
     head_sorted = p_sorted.cumsum(-1) <= mu
     head_sorted[:, 0] = True
-    head = torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)  # to vocabulary order
-    gap = (p - q).abs()
-    total = gap.sum(-1)
-    # total = 0 means p = q: both KLs are 0 and any weights will do
-    g_head = torch.where(total > 0, (gap * head).sum(-1) / total.clamp_min(1e-30), 0.5)
-    return g_head * kl(log_p, log_q) + (1 - g_head) * kl(log_q, log_p)
+    return torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)  # to vocabulary order
 
 
 @hyperparameters(alpha="(-inf, inf)", beta="(-inf, inf)")  # any finite pair: limits cover zeros

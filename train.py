@@ -135,8 +135,7 @@ def train(args, commands=("the same command", "the same command with --resume"))
         stop_at = min(total_steps, args.max_steps or total_steps)
         progress = checkpoint.Progress(args, out, state, stop_at, run.is_main)  # the bar and log.jsonl
         save = lambda: checkpoint.save(out / "last.pt", args, state, run.student, run.optimizer, run.is_main, stop)
-        graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]  # counted over the process
-        graphs_before = graphs()
+        graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # counted over the process
         while state["step"] < stop_at:
             epoch = state["epoch"]
             order = epoch_order(len(run.train_set), epoch, args.seed, run.rank, run.world_size)
@@ -169,8 +168,8 @@ def train(args, commands=("the same command", "the same command with --resume"))
             if stop.check():  # a signal during the validation
                 break
         progress.close()
-        if (args.compile or graphs() > graphs_before) and run.is_main:
-            tqdm.write(f"torch.compile: {graphs() - graphs_before} graphs compiled")
+        if run.is_main and (graphs := torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before):
+            tqdm.write(f"torch.compile: {graphs} graphs compiled")
         finish(args, run, state, stop, total_steps)
     return out
 
@@ -279,8 +278,7 @@ def load_run(args, stop=None):
         raise too_few(len(train_set))
     student = lora.add(student, args.lora_rank, args.lora_alpha) if args.lora_rank else student  # frozen, but A, B
     student.checkpointing = args.activation_checkpointing
-    # the fused loss's vocabulary tiles compile on a CPU too, where whole blocks do not pay (docs/training.md)
-    args.compile_loss = args.compile is not False
+    args.compile_loss = args.compile is not False  # the fused loss's tiles compile on a CPU too (docs/training.md)
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     if args.compile:  # the step's forwards: one graph per length bucket (printed after the loop)
         for model in filter(None, (student, teacher)):

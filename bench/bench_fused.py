@@ -11,6 +11,7 @@ models hold anyway) and runs in a fresh process (peak RSS is per process):
   plain     the heads' logits, then losses.distill_loss (the readable form, plain autograd)
   chunked   the heads' logits, then losses.distill_loss_chunked (train.py --no-fused-loss; until #23)
   fused     fused_loss.fused_distill_loss, compiled (what train.py runs; timed after a first call that compiles)
+  eager     the same, not compiled (--no-compile)
   frozen    the same with the student's head frozen, as in a LoRA student: no (V, H) weight gradient
   liger     Liger's LigerFusedLinearJSDLoss, its pure-torch chunked path (compiled=False: its Triton
             kernels do not run on CPU), default chunk of 1,024 rows; JSD only
@@ -57,7 +58,7 @@ def measure_one(name, impl, N, H, V, pieces):
     labels[:, : N // 8] = -100  # a prompt
     loss_fn = peer_loss(impl) if impl in ("liger", "torchtune") else None
     fused = lambda: fused_loss.fused_distill_loss(name, student_hidden, head, teacher_hidden, teacher_head, labels,
-                                                  tau=2.0, compiled=True, **pieces)[0]
+                                                  tau=2.0, compiled=impl != "eager", **pieces)[0]
     compile_seconds = None
     if impl in ("fused", "frozen"):  # as in training, compiled once before the steps that are measured
         start = time.perf_counter()
@@ -67,7 +68,7 @@ def measure_one(name, impl, N, H, V, pieces):
     reset_peak()
     before = rss_bytes()
     start = time.perf_counter()
-    if impl in ("fused", "frozen"):
+    if impl in ("fused", "frozen", "eager"):
         loss = fused()
     elif impl == "liger":
         loss = loss_fn(student_hidden.view(N, H), head, teacher_hidden.view(N, H), teacher_head, labels.view(N))
@@ -94,7 +95,7 @@ def main():
     p.add_argument("--N", type=int, default=4096, help="response tokens (B*T)")
     p.add_argument("--H", type=int, default=896)
     p.add_argument("--V", type=int, default=151936)
-    p.add_argument("--impls", default="chunked,fused,frozen", help="of: plain, chunked, fused, frozen, liger, "
+    p.add_argument("--impls", default="chunked,fused,frozen", help="of: plain, chunked, fused, eager, frozen, liger, "
                    "torchtune (chunked is the time baseline: always include it)")
     p.add_argument("--chunk-size", type=int, help="fused: rows a piece (default: chosen by fused_loss.py)")
     p.add_argument("--vocab-tile", type=int, help="fused: ids a vocabulary tile (default: chosen by fused_loss.py)")

@@ -90,9 +90,10 @@ def test_the_objectives_that_sum_over_the_vocabulary_are_the_listed_ones(name):
 @pytest.mark.parametrize("name,hparams", [("fkl", {}), ("rkl", {}), ("sym", {}), ("sym", {"weight": 0.0}), ("sym", {"weight": 1.0}),
                                           ("js", {}), ("js", {"beta": 0.8}), ("js", {"beta": 0.0}), ("js", {"beta": 1.0}),
                                           ("sfkl", {}), ("sfkl", {"alpha": 0.0}), ("sfkl", {"alpha": 0.9}),
-                                          ("srkl", {}), ("srkl", {"alpha": 0.0}), ("srkl", {"alpha": 0.9}), ("tvd", {})])
+                                          ("srkl", {}), ("srkl", {"alpha": 0.0}), ("srkl", {"alpha": 0.9}), ("tvd", {}),
+                                          ("akl", {}), ("akl", {"mu": 0.9}), ("akl", {"mu": 0.0})])
 def test_the_written_out_derivatives_are_autograds(name, hparams):
-    """DLOG_Q (what the tiled path takes instead of autograd, for all but AB): each row's value
+    """DLOG_Q (what the tiled path takes instead of autograd, for all but AB) and AKL's on whole rows: each row's value
     and dKD/dlog q equal the objective's value and autograd's gradient, on rows far apart (logits x 30, as
     at tau 0.1) and rows where p = q at some ids (TVD's kink: both give 0 there)."""
     g = torch.Generator().manual_seed(2)
@@ -102,7 +103,8 @@ def test_the_written_out_derivatives_are_autograds(name, hparams):
     log_q = log_q.requires_grad_()
     want = LOSSES[name](log_p, log_q, None, **hparams)
     want_grad = torch.autograd.grad(want.sum(), log_q)[0]
-    value, dlog_q = fused_loss.DLOG_Q[name](log_p, log_q.detach(), **{**losses.defaults(LOSSES[name]), **hparams})
+    form = {**fused_loss.DLOG_Q, **fused_loss.ROW_DLOG_Q}[name]
+    value, dlog_q = form(log_p, log_q.detach(), **{**losses.defaults(LOSSES[name]), **hparams})
     assert bool(dlog_q.isfinite().all())
     assert torch.allclose(value, want.detach(), rtol=1e-6, atol=1e-7)
     assert torch.allclose(dlog_q, want_grad, rtol=1e-5, atol=1e-7)
@@ -162,13 +164,14 @@ def test_the_tiled_path_takes_the_objectives_hyperparameters():
 
 def test_a_large_vocabulary_takes_tiles_by_itself_and_a_small_one_whole_rows(monkeypatch):
     """The automatic choice (no chunk_size, vocab_tile): whole rows while ~8 MB holds >= 256 of them,
-    tiles beyond (V = 10,000: 209 rows), DRKL too; AKL whole rows always; the value and gradient as plain."""
+    tiles beyond (V = 10,000: 209 rows), DRKL too; AKL whole rows always (beyond, as one tile a chunk, its
+    derivative written out); the value and gradient as plain."""
     calls = []
     for piece in ("_whole_rows", "_vocab_tiles"):
         real = getattr(fused_loss, piece)
         monkeypatch.setattr(fused_loss, piece, lambda *a, real=real, piece=piece, **k: calls.append(piece) or real(*a, **k))
-    for name, V, path in (("rkl", 10_000, "_vocab_tiles"), ("drkl", 10_000, "_vocab_tiles"), ("akl", 10_000, "_whole_rows"),
-                          ("rkl", 8_000, "_whole_rows")):
+    for name, V, path in (("rkl", 10_000, "_vocab_tiles"), ("drkl", 10_000, "_vocab_tiles"), ("akl", 10_000, "_vocab_tiles"),
+                          ("rkl", 8_000, "_whole_rows"), ("akl", 8_000, "_whole_rows")):
         calls.clear()
         inputs = setting(V=V, n_ids=V)
         want, _, _ = plain(name, *inputs, 2.0, V, 1.0, 0.5)
