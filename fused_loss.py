@@ -23,7 +23,7 @@ from losses import LOG_ZERO, LOSSES, akl_head_weight, ce, check_objective, defau
 # by the (V, H) head streams the whole head from memory to do little arithmetic - four times a chunk
 # (both models' logits, the two gradients). Then the pieces are tiles of 512 ids for a block of
 # 1,024 rows instead (2 MB), in passes: first each row's log-sum-exps (so a tile's log-probabilities
-# are exact), then the gradient tile by tile. More products in all (6 or 8 head-sized ones where the
+# are exact), then the gradient tile by tile. More products in all (6 to 8 head-sized ones where the
 # unfused path makes 4), each large enough to run at the machine's speed (bench/bench_fused.py
 # measures both). Tiles serve the objectives whose value is a sum over the vocabulary of a function
 # of (log p_v, log q_v) (SUMS_OVER_VOCAB), and DRKL, which is such a sum over the ids other than the
@@ -38,9 +38,10 @@ from losses import LOG_ZERO, LOSSES, akl_head_weight, ce, check_objective, defau
 # the first pass adds up as it goes - power(a, b) = (sum_v q_v^a p_v^b, the mean of log q_v - log p_v
 # under the weights q_v^a p_v^b) - there is no pass to add S up (6 products, not 8): FKL's S is
 # -sum_v p_v = -1; RKL's sum_v q_v (log q_v - log p_v + 1) = RKL + 1; SYM's their mix; AB's terms are
-# powers of p and q. JS, the skew KLs and TVD need p and q at every id for it. GRAD_SUM: the
-# objective's hyper-parameters -> (the pairs (a, b) whose sums S needs besides (1, 0) and (0, 1), those
-# whose means it needs, S from power).
+# powers of p and q. JS, the skew KLs and TVD need p and q at every id for it (8 products; TVD's pass 3
+# takes from pass 2 the one thing it needs of the teacher, a sign an id: 7). GRAD_SUM: the objective's
+# hyper-parameters -> (the pairs (a, b) whose sums S needs besides (1, 0) and (0, 1), those whose means
+# it needs, S from power).
 
 SUMS_OVER_VOCAB = ("fkl", "rkl", "sym", "js", "sfkl", "srkl", "ab", "tvd")
 TILED = SUMS_OVER_VOCAB + ("drkl",)
@@ -106,6 +107,24 @@ def _tvd_tile(log_p, log_q):  # d/dlog q_v = sign(q_v - p_v) q_v / 2
     return 0.5 * (p - q).abs().sum(-1), (q - p).sign_().mul_(q).mul_(0.5)
 
 
+# TVD's derivative needs of the teacher only the sign of q_v - p_v: pass 2 keeps it, a bit an id (20 MB
+# for a block of 1,024 rows at 152k ids), so pass 3 makes no teacher logits (7 products, not 8). Where
+# q_v = p_v > 0 the sign is 0, which a bit cannot say: pass 3 makes such a tile's teacher logits again.
+def _tvd_signs(log_p, log_q):
+    """(n, tile) -> ([q_v > p_v] packed 8 ids a byte (n, ceil(tile / 8)) uint8, whether the tile has a tie q_v = p_v > 0)."""
+    q, p = log_q.exp(), log_p.exp()
+    above = torch.nn.functional.pad((q > p).to(torch.uint8), (0, -q.shape[1] % 8))  # (n, 8k)
+    bit = torch.arange(8, dtype=torch.uint8, device=q.device)
+    return (above.view(len(q), -1, 8) << bit).sum(-1, dtype=torch.uint8), ((q == p) & (q > 0)).any()
+
+
+def _tvd_from_signs(signs, log_q):
+    """_tvd_tile's dKD/dlog q from the signs _tvd_signs kept (no tie in the tile): +-q_v / 2."""
+    bit = torch.arange(8, dtype=torch.uint8, device=log_q.device)
+    above = ((signs[:, :, None] >> bit) & 1).view(len(log_q), -1)[:, :log_q.shape[1]]  # (n, tile) 0 or 1
+    return (above.float() - 0.5).mul_(log_q.exp())
+
+
 # _sym_tile's formula again, with a weight per row and einsum for the row sums: eager here, where the
 # (n, V) product of p and log q - log p would be the chunk's peak; compiled SYM is 4 % slower with einsum
 def _akl_rows(log_p, log_q, mu):  # SYM with each row's weight g = g_head, which takes no gradient:
@@ -121,6 +140,7 @@ def _akl_rows(log_p, log_q, mu):  # SYM with each row's weight g = g_head, which
 
 DLOG_Q = {"fkl": _fkl_tile, "rkl": _rkl_tile, "sym": _sym_tile, "js": _js_tile, "sfkl": _sfkl_tile, "srkl": _srkl_tile, "tvd": _tvd_tile}
 ROW_DLOG_Q = {"akl": _akl_rows}  # on whole rows only
+KEPT_FOR_PASS_3 = {"tvd": (_tvd_signs, _tvd_from_signs)}  # (what pass 2 keeps of the teacher, dKD/dlog q from it)
 
 
 def _autograd_dlog_q(objective):
@@ -134,8 +154,8 @@ def _autograd_dlog_q(objective):
 
 
 # What the tiled path takes for an objective: GRAD_SUM's entry (or None), DRKL's form (or None),
-# (log_p, log_q, **hparams) -> (value, dKD/dlog q) of a tile, and the hyper-parameters
-TileForms = collections.namedtuple("TileForms", "grad_sum drkl value_and_dlog_q hparams")
+# (log_p, log_q, **hparams) -> (value, dKD/dlog q) of a tile, the hyper-parameters, and KEPT_FOR_PASS_3's entry (or None)
+TileForms = collections.namedtuple("TileForms", "grad_sum drkl value_and_dlog_q hparams kept")
 
 
 def fused_distill_loss(name, student_hidden, student_head, teacher_hidden, teacher_head, labels, tau=1.0,
@@ -170,7 +190,8 @@ def fused_distill_loss(name, student_hidden, student_head, teacher_hidden, teach
     forms = None if per_token is None or vocab_tile is None else TileForms(
         grad_sum=GRAD_SUM[name](**hparams) if name in GRAD_SUM else None,
         drkl=(lambda *sums: _drkl_from_sums(*sums, **hparams)) if name == "drkl" else None,
-        value_and_dlog_q=DLOG_Q.get(name) or ROW_DLOG_Q.get(name) or _autograd_dlog_q(LOSSES[name]), hparams=hparams)
+        value_and_dlog_q=DLOG_Q.get(name) or ROW_DLOG_Q.get(name) or _autograd_dlog_q(LOSSES[name]), hparams=hparams,
+        kept=KEPT_FOR_PASS_3.get(name))
     ops = _tile_ops(compiled and vocab_tile is not None, compile_kd=forms is None or name in DLOG_Q)
     loss, kd, ce = _FusedHead.apply(student_hidden, student_head, teacher_hidden.detach(), teacher_head.detach(),
                                     labels.reshape(-1), rows, per_token, forms, tau, n_ids, kd_weight, ce_weight,
@@ -250,7 +271,7 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, forms, tau, kd_we
 
     and CE's is softmax(z)_v - [v = target]. Pass 1 adds up each row's log-sum-exps and what the formulas
     for S (GRAD_SUM) and DRKL's form need; pass 2 adds up S where no formula gives it (and KD's value);
-    pass 3 makes the tiles' gradients. forms: the objective's TileForms, None without KD; ops: the
+    pass 3 makes the tiles' gradients (TVD's from the signs pass 2 kept, without the teacher's logits). forms: the objective's TileForms, None without KD; ops: the
     element-wise work on a tile (_tile_ops)."""
     tiles = [slice(c, min(c + tile, len(weight))) for c in range(0, len(weight), tile)]
     grad_sum, drkl_from_sums = (forms.grad_sum, forms.drkl) if forms else (None, None)
@@ -305,24 +326,32 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, forms, tau, kd_we
 
     # one tile of whole rows (AKL's chunks) makes S from its own dKD/dlog q in pass 3, so needs no pass 2
     pass_2 = kd_form is not None and (grad_sum is None or not want) and not (want and len(tiles) == 1)
+    keep, from_kept = forms.kept if forms and forms.kept and pass_2 and want else (None, None)
+    kept, ties = [], []  # per tile: what pass 2 kept of the teacher for pass 3 (TVD's signs), whether it must not be used
     if pass_2:  # KD's value, and S where no formula gave it
         added = torch.zeros(len(h), device=h.device)
         for cols in tiles:
-            value, tile_S = ops.kd_sums(*kd_form, student_logits(cols), teacher_logits(cols), lse, teacher_lse, tau)
+            value, tile_S, tile_kept = ops.kd_sums(*kd_form, student_logits(cols), teacher_logits(cols), lse, teacher_lse, tau, keep)
             sums[0] += value
             added += tile_S
+            if keep:
+                kept.append(tile_kept[0])
+                ties.append(tile_kept[1])
         S = added if S is None else S
+        ties = torch.stack(ties).tolist() if keep else ties  # one look from the host a block, not one a tile
     if not want or (not forms and not ce_weight):  # no gradient to make (forms is None without KD)
         return
     scales = torch.tensor([kd_weight / tau, ce_weight], device=h.device)  # a tensor: a new weight compiles nothing
-    for cols in tiles:  # pass 3: each tile's gradient
+    for i, cols in enumerate(tiles):  # pass 3: each tile's gradient
         z, here = student_logits(cols), at_target(cols)
         if drkl_from_sums:  # its value came from pass 1
             value, g = None, drkl_gradient(z, teacher_logits(cols), here).mul_(kd_weight / tau)
             g += (z - lse_1[:, None]).exp_().mul_(ce_weight) if ce_weight else 0
         else:
-            t = teacher_logits(cols) if kd_form else None
-            value, g = ops.gradient(*(kd_form or (None, None)), z, t, lse, teacher_lse, S, lse_1 if ce_weight else None, tau, scales)
+            from_teacher = kd_form and not (kept and not ties[i])
+            t, this_kept = (teacher_logits(cols), None) if from_teacher else (None, kept[i] if kept else None)
+            value, g = ops.gradient(*(kd_form or (None, None)), z, t, lse, teacher_lse, S, lse_1 if ce_weight else None, tau,
+                                    scales, from_kept, this_kept)
         sums[0] += 0 if pass_2 or value is None else value.sum()  # KD's value, unless pass 1 or 2 added it up
         if ce_weight:
             g[here] -= ce_weight
@@ -350,26 +379,27 @@ def _tile_sums(z, t, tau, pairs, means, target_column=None):
     return z.logsumexp(-1), log_sums, tile_means
 
 
-def _tile_kd(value_and_dlog_q, hparams, z, t, lse, teacher_lse, tau):
-    """KD on a tile: each row's share of its value, dKD/dlog q and log q (n, tile)."""
-    log_q = z / tau - lse[:, None]
-    return *value_and_dlog_q(t / tau - teacher_lse[:, None], log_q, **hparams), log_q
+def _tile_kd_sums(value_and_dlog_q, hparams, z, t, lse, teacher_lse, tau, keep=None):
+    """Pass 2 on a tile: its share of KD's value (summed over the rows), of each row's S (n,), and what
+    keep(log_p, log_q) keeps of the teacher for pass 3 (or None)."""
+    log_p, log_q = t / tau - teacher_lse[:, None], z / tau - lse[:, None]
+    value, dlog_q = value_and_dlog_q(log_p, log_q, **hparams)
+    return value.sum(), dlog_q.sum(-1), None if keep is None else keep(log_p, log_q)
 
 
-def _tile_kd_sums(value_and_dlog_q, hparams, z, t, lse, teacher_lse, tau):
-    """Pass 2 on a tile: its share of KD's value (summed over the rows) and of each row's S (n,)."""
-    value, dlog_q, _ = _tile_kd(value_and_dlog_q, hparams, z, t, lse, teacher_lse, tau)
-    return value.sum(), dlog_q.sum(-1)
-
-
-def _tile_gradient(value_and_dlog_q, hparams, z, t, lse, teacher_lse, S, lse_1, tau, scales):
+def _tile_gradient(value_and_dlog_q, hparams, z, t, lse, teacher_lse, S, lse_1, tau, scales, from_kept=None, kept=None):
     """Pass 3 on a tile: (each row's share of KD's value, the tile's gradient (n, tile) of
     kd_weight KD + ce_weight CE w.r.t. z but for CE's -ce_weight at the target), scales = (kd_weight /
     tau, ce_weight); without value_and_dlog_q no KD, without lse_1 (CE's log-sum-exp) no CE; S None: the
-    tile holds whole rows."""
+    tile holds whole rows; kept: what pass 2 kept of the teacher, for from_kept(kept, log q) instead of t
+    (and no value: pass 2 added it up)."""
     value, g = None, None
     if value_and_dlog_q is not None:
-        value, dlog_q, log_q = _tile_kd(value_and_dlog_q, hparams, z, t, lse, teacher_lse, tau)
+        log_q = z / tau - lse[:, None]
+        if kept is None:
+            value, dlog_q = value_and_dlog_q(t / tau - teacher_lse[:, None], log_q, **hparams)
+        else:
+            dlog_q = from_kept(kept, log_q)
         S = dlog_q.sum(-1) if S is None else S  # None: the tile is whole rows, S its own sum
         g = dlog_q.sub_(log_q.exp_().mul_(S[:, None])).mul_(scales[0])
     if lse_1 is not None:

@@ -5,6 +5,7 @@ tokenizer, and a kd/CE mix, both in chunks of whole rows and in tiles of the voc
 stay finite."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import assert_float32_close
 import fused_loss
@@ -202,6 +203,44 @@ def test_drkl_on_tiles_where_a_tile_holds_only_the_target_and_where_the_student_
                         torch.autograd.grad(want, [student_hidden, head])):
             assert bool(a.isfinite().all())
             assert_close(a, b)
+
+
+class CountProducts(TorchDispatchMode):
+    """Counts the matrix products run under it (the head's: logits, and the two gradients)."""
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default)
+        return func(*args, **(kwargs or {}))
+
+
+def test_tvd_keeps_the_signs_for_pass_3_and_makes_the_teachers_logits_again_where_p_equals_q():
+    """TVD's pass 3 takes sign(q - p) from pass 2 (a bit an id) instead of the teacher's logits: 7 products a
+    tile, not JS's 8, same value and gradients. Where q_v = p_v > 0 the sign is 0, which the bit cannot
+    hold: a teacher that is the student with two ids' head rows swapped ties at all other ids of a row,
+    so each tile's teacher logits are made again, and the gradient is still distill_loss's (without that
+    it is off by ~0.04)."""
+    inputs = setting()
+    tiles = 2 * 6  # 8 response rows in blocks of 5, 37 ids in tiles of 7
+    for name, products in (("js", 8), ("tvd", 7)):
+        want, _, _ = plain(name, *inputs, 2.5, 37, 0.7, 0.3)
+        with CountProducts() as counted:
+            got, _, _ = fused_distill_loss(name, *inputs, tau=2.5, n_ids=37, kd_weight=0.7, ce_weight=0.3, **PIECES["vocab"])
+        assert counted.count == products * tiles
+        for a, b in zip(torch.autograd.grad(got, inputs[:2]), torch.autograd.grad(want, inputs[:2])):
+            assert_close(a, b)
+    student_hidden, head, _, _, labels = inputs
+    teacher_head = head.detach().clone()
+    teacher_head[[3, 4]] = teacher_head[[4, 3]]
+    inputs = (student_hidden, head, student_hidden.detach().clone(), teacher_head, labels)
+    want, _, _ = plain("tvd", *inputs, 2.5, 37, 0.7, 0.3)
+    with CountProducts() as counted:
+        got, _, _ = fused_distill_loss("tvd", *inputs, tau=2.5, n_ids=37, kd_weight=0.7, ce_weight=0.3, **PIECES["vocab"])
+    assert counted.count == 8 * tiles
+    for a, b in zip(torch.autograd.grad(got, inputs[:2]), torch.autograd.grad(want, inputs[:2])):
+        assert_close(a, b)
 
 
 @pytest.mark.parametrize("name", ["fkl", "js", "ab", "drkl"])
