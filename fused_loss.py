@@ -44,7 +44,7 @@ from losses import LOG_ZERO, LOSSES, akl_head_weight, ce, check_objective, defau
 # it needs, S from power).
 
 SUMS_OVER_VOCAB = ("fkl", "rkl", "sym", "js", "sfkl", "srkl", "ab", "tvd")
-TILED = SUMS_OVER_VOCAB + ("drkl",)
+TILED = SUMS_OVER_VOCAB + ("drkl", "akl")
 
 
 def _ab_grad_sum(alpha, beta):
@@ -77,8 +77,10 @@ def _rkl_tile(log_p, log_q):  # d/dlog q_v = q_v (log q_v - log p_v + 1)   (JS a
 
 
 def _sym_tile(log_p, log_q, weight):  # d/dlog q_v = -weight p_v + (1 - weight) q_v (log q_v - log p_v + 1)
+    """weight: a number, or one per row (n,) (AKL's, from its head: _akl_weight)."""
     (fkl_value, fkl_dlog_q), (rkl_value, rkl_dlog_q) = _fkl_tile(log_p, log_q), _rkl_tile(log_p, log_q)
-    return weight * fkl_value + (1 - weight) * rkl_value, fkl_dlog_q.mul_(weight).add_(rkl_dlog_q, alpha=1 - weight)
+    column = weight[:, None] if torch.is_tensor(weight) else weight
+    return weight * fkl_value + (1 - weight) * rkl_value, fkl_dlog_q.mul_(column).add_(rkl_dlog_q.mul_(1 - column))
 
 
 def _js_tile(log_p, log_q, beta):  # d/dlog q_v = (1 - beta) q_v (log q_v - log m_v)
@@ -113,9 +115,11 @@ def _tvd_tile(log_p, log_q):  # d/dlog q_v = sign(q_v - p_v) q_v / 2
 def _tvd_signs(log_p, log_q):
     """(n, tile) -> ([q_v > p_v] packed 8 ids a byte (n, ceil(tile / 8)) uint8, whether the tile has a tie q_v = p_v > 0)."""
     q, p = log_q.exp(), log_p.exp()
-    above = torch.nn.functional.pad((q > p).to(torch.uint8), (0, -q.shape[1] % 8))  # (n, 8k)
-    bit = torch.arange(8, dtype=torch.uint8, device=q.device)
-    return (above.view(len(q), -1, 8) << bit).sum(-1, dtype=torch.uint8), ((q == p) & (q > 0)).any()
+    above = torch.nn.functional.pad(q > p, (0, -q.shape[1] % 8)).view(len(q), -1, 8)  # (n, k, 8)
+    signs = above[:, :, 0].to(torch.uint8)
+    for bit in range(1, 8):  # one shift a bit: compiled, 40x faster than a sum over the last axis (measured)
+        signs |= above[:, :, bit].to(torch.uint8) << bit
+    return signs, ((q == p) & (q > 0)).any()
 
 
 def _tvd_from_signs(signs, log_q):
@@ -125,21 +129,8 @@ def _tvd_from_signs(signs, log_q):
     return (above.float() - 0.5).mul_(log_q.exp())
 
 
-# _sym_tile's formula again, with a weight per row and einsum for the row sums: eager here, where the
-# (n, V) product of p and log q - log p would be the chunk's peak; compiled SYM is 4 % slower with einsum
-def _akl_rows(log_p, log_q, mu):  # SYM with each row's weight g = g_head, which takes no gradient:
-    """AKL's value and dKD/dlog q on whole rows (its head is each row's teacher probabilities, sorted),
-    in few (n, V) temporaries: d/dlog q_v = -g p_v + (1 - g) q_v (log q_v - log p_v + 1)."""
-    # (n,) four rows at a time: sorting a row makes its values and int64 order, the peak of a chunk otherwise
-    weight = torch.cat([akl_head_weight(log_p[i:i + 4], log_q[i:i + 4], mu) for i in range(0, len(log_p), 4)])
-    log_ratio, p, q = log_q - log_p, log_p.exp(), log_q.exp()
-    dot = lambda a, b: torch.einsum("nv,nv->n", a, b)  # sum_v a_v b_v per row, with no (n, V) product made
-    value = weight * dot(p, log_ratio).neg_() + (1 - weight) * dot(q, log_ratio)
-    return value, log_ratio.add_(1).mul_(q).mul_(1 - weight[:, None]).sub_(p.mul_(weight[:, None]))
-
-
-DLOG_Q = {"fkl": _fkl_tile, "rkl": _rkl_tile, "sym": _sym_tile, "js": _js_tile, "sfkl": _sfkl_tile, "srkl": _srkl_tile, "tvd": _tvd_tile}
-ROW_DLOG_Q = {"akl": _akl_rows}  # on whole rows only
+DLOG_Q = {"fkl": _fkl_tile, "rkl": _rkl_tile, "sym": _sym_tile, "js": _js_tile, "sfkl": _sfkl_tile, "srkl": _srkl_tile,
+          "tvd": _tvd_tile, "akl": _sym_tile}  # AKL: SYM with each row's weight (_akl_weight)
 KEPT_FOR_PASS_3 = {"tvd": (_tvd_signs, _tvd_from_signs)}  # (what pass 2 keeps of the teacher, dKD/dlog q from it)
 
 
@@ -154,8 +145,9 @@ def _autograd_dlog_q(objective):
 
 
 # What the tiled path takes for an objective: GRAD_SUM's entry (or None), DRKL's form (or None),
-# (log_p, log_q, **hparams) -> (value, dKD/dlog q) of a tile, the hyper-parameters, and KEPT_FOR_PASS_3's entry (or None)
-TileForms = collections.namedtuple("TileForms", "grad_sum drkl value_and_dlog_q hparams kept")
+# (log_p, log_q, **hparams) -> (value, dKD/dlog q) of a tile, the hyper-parameters, KEPT_FOR_PASS_3's entry (or
+# None), and AKL's mu (or None: not AKL)
+TileForms = collections.namedtuple("TileForms", "grad_sum drkl value_and_dlog_q hparams kept akl_mu")
 
 
 def fused_distill_loss(name, student_hidden, student_head, teacher_hidden, teacher_head, labels, tau=1.0,
@@ -184,14 +176,14 @@ def fused_distill_loss(name, student_hidden, student_head, teacher_hidden, teach
     few_rows = chunk_size is None and whole_rows < 256  # a chunk too thin for the head's products to pay
     if (per_token is None or name in TILED) and (vocab_tile or few_rows):
         chunk_size, vocab_tile = chunk_size or (1024 if cpu else 4096), vocab_tile or (512 if cpu else 2048)
-    else:  # whole rows; AKL's in thin chunks as one tile each, for its derivative written out (less memory)
-        chunk_size, vocab_tile = chunk_size or whole_rows, n_ids if name in ROW_DLOG_Q and few_rows else None
+    else:  # whole rows
+        chunk_size, vocab_tile = chunk_size or whole_rows, None
     kd_weight = kd_weight * (tau**2 if tau_sq else 1)
     forms = None if per_token is None or vocab_tile is None else TileForms(
-        grad_sum=GRAD_SUM[name](**hparams) if name in GRAD_SUM else None,
+        grad_sum=GRAD_SUM[name](**hparams) if name in GRAD_SUM else GRAD_SUM["rkl"]() if name == "akl" else None,
         drkl=(lambda *sums: _drkl_from_sums(*sums, **hparams)) if name == "drkl" else None,
-        value_and_dlog_q=DLOG_Q.get(name) or ROW_DLOG_Q.get(name) or _autograd_dlog_q(LOSSES[name]), hparams=hparams,
-        kept=KEPT_FOR_PASS_3.get(name))
+        value_and_dlog_q=DLOG_Q.get(name) or _autograd_dlog_q(LOSSES[name]), hparams=hparams,
+        kept=KEPT_FOR_PASS_3.get(name), akl_mu=hparams["mu"] if name == "akl" else None)
     ops = _tile_ops(compiled and vocab_tile is not None, compile_kd=forms is None or name in DLOG_Q)
     loss, kd, ce = _FusedHead.apply(student_hidden, student_head, teacher_hidden.detach(), teacher_head.detach(),
                                     labels.reshape(-1), rows, per_token, forms, tau, n_ids, kd_weight, ce_weight,
@@ -277,9 +269,6 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, forms, tau, kd_we
     grad_sum, drkl_from_sums = (forms.grad_sum, forms.drkl) if forms else (None, None)
     student_logits = lambda cols: (h @ weight[cols].t()).float()                    # (n, tile)
     teacher_logits = lambda cols: (teacher_h @ teacher_weight[cols].t()).float()  # (n, tile), no gradient
-    if len(tiles) == 1:  # one tile of whole rows (AKL's thin chunks): its logits are made once, kept for the passes
-        z_rows, t_rows = student_logits(tiles[0]), teacher_logits(tiles[0]) if forms else None
-        student_logits, teacher_logits = (lambda cols: z_rows), (lambda cols: t_rows)
     in_tile = lambda cols: (target >= cols.start) & (target < cols.stop)  # (n,) bool: the row's target is in it
     def at_target(cols):  # (rows, ids): the entries of a tile that are their row's target
         rows = in_tile(cols).nonzero()[:, 0]
@@ -323,9 +312,12 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, forms, tau, kd_we
     S = None if grad_sum is None else grad_sum[2](power).float()
     lse_1, lse, teacher_lse = (None if x is None else x.float() for x in (lse_1, lse, teacher_lse))  # for the tiles
     kd_form = None if forms is None or drkl_from_sums else (forms.value_and_dlog_q, forms.hparams)
+    if forms and forms.akl_mu is not None:  # AKL is SYM with each row's weight, from its head: 3 passes more
+        akl_weight = _akl_weight(tiles, student_logits, teacher_logits, lse, teacher_lse, tau, forms.akl_mu, ops.radix).float()
+        S = (1 - akl_weight) * S - akl_weight  # SYM's S from RKL's (GRAD_SUM)
+        kd_form = (forms.value_and_dlog_q, {"weight": akl_weight})
 
-    # one tile of whole rows (AKL's chunks) makes S from its own dKD/dlog q in pass 3, so needs no pass 2
-    pass_2 = kd_form is not None and (grad_sum is None or not want) and not (want and len(tiles) == 1)
+    pass_2 = kd_form is not None and (grad_sum is None or not want)
     keep, from_kept = forms.kept if forms and forms.kept and pass_2 and want else (None, None)
     kept, ties = [], []  # per tile: what pass 2 kept of the teacher for pass 3 (TVD's signs), whether it must not be used
     if pass_2:  # KD's value, and S where no formula gave it
@@ -390,9 +382,8 @@ def _tile_kd_sums(value_and_dlog_q, hparams, z, t, lse, teacher_lse, tau, keep=N
 def _tile_gradient(value_and_dlog_q, hparams, z, t, lse, teacher_lse, S, lse_1, tau, scales, from_kept=None, kept=None):
     """Pass 3 on a tile: (each row's share of KD's value, the tile's gradient (n, tile) of
     kd_weight KD + ce_weight CE w.r.t. z but for CE's -ce_weight at the target), scales = (kd_weight /
-    tau, ce_weight); without value_and_dlog_q no KD, without lse_1 (CE's log-sum-exp) no CE; S None: the
-    tile holds whole rows; kept: what pass 2 kept of the teacher, for from_kept(kept, log q) instead of t
-    (and no value: pass 2 added it up)."""
+    tau, ce_weight); without value_and_dlog_q no KD, without lse_1 (CE's log-sum-exp) no CE; kept: what
+    pass 2 kept of the teacher, for from_kept(kept, log q) instead of t (and no value: pass 2 added it up)."""
     value, g = None, None
     if value_and_dlog_q is not None:
         log_q = z / tau - lse[:, None]
@@ -400,7 +391,6 @@ def _tile_gradient(value_and_dlog_q, hparams, z, t, lse, teacher_lse, S, lse_1, 
             value, dlog_q = value_and_dlog_q(t / tau - teacher_lse[:, None], log_q, **hparams)
         else:
             dlog_q = from_kept(kept, log_q)
-        S = dlog_q.sum(-1) if S is None else S  # None: the tile is whole rows, S its own sum
         g = dlog_q.sub_(log_q.exp_().mul_(S[:, None])).mul_(scales[0])
     if lse_1 is not None:
         ce_part = (z - lse_1[:, None]).exp_().mul_(scales[1])
@@ -408,17 +398,96 @@ def _tile_gradient(value_and_dlog_q, hparams, z, t, lse, teacher_lse, S, lse_1, 
     return value, g
 
 
-TileOps = collections.namedtuple("TileOps", "sums kd_sums gradient")
+# AKL's head is each row's likeliest ids under the teacher, up to a cumulative mass of mu (and the likeliest
+# one); losses.akl sorts whole rows to find it. On tiles it is found without sorting, by a radix select on
+# the teacher's logits: their float32 bits, made into integers of the same order (_order_key), are read 11,
+# 11, then 10 bits a pass. Each pass adds up the teacher's mass of the ids still in question by their next
+# bits (a histogram per row), finds the bin where the cumulative mass from the top passes mu, and keeps
+# only that bin in question. After 32 bits a bin is one logit value: ids tied there (the same p) are in
+# the head in the share the mass allows, where the sort would take some of them. The last pass makes the
+# student's logits too, for g = sum_v |p_v - q_v| over the head and over all. 3 passes, 4 products.
+RADIX_BITS = (11, 11, 10)
+
+
+def _order_key(t):
+    """float32 (n, tile) -> int64 in [0, 2^32), in the same order (the bits of a negative float count down)."""
+    bits = t.view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, -1 - bits, bits + 2**31)
+
+
+def _akl_weight(tiles, student_logits, teacher_logits, lse, teacher_lse, tau, mu, radix_tile=None):
+    """(n,) float64 AKL's weight of FKL per row, g_head / (g_head + g_tail) (losses.akl_head_weight on whole
+    rows), from the tiles in 3 passes; radix_tile: _radix_tile, compiled or not (TileOps)."""
+    radix_tile = radix_tile or _radix_tile
+    n, device = len(lse), lse.device
+    mu = math.inf if mu >= 1 else mu  # every id (as losses._akl_head): float32 may round the whole mass above 1
+    zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
+    above = zeros(n)                                           # the mass of the ids known to be in the head
+    prefix = torch.zeros(n, dtype=torch.int64, device=device)  # the bits read so far of the ids in question
+    in_question = torch.ones(n, dtype=torch.bool, device=device)  # False: the rest are all head or all tail
+    head_gap, all_gap, read = zeros(n), zeros(n), 0
+    for bits in RADIX_BITS:
+        shift, last, bins = 32 - read - bits, read + bits == 32, 2**bits
+        mass, count, gap = zeros(n * bins), zeros(n * bins), zeros(n * bins)  # per row and bin of the next bits
+        for cols in tiles:  # the last pass makes the student's logits too, for |p - q|
+            where, *added = radix_tile(teacher_logits(cols), student_logits(cols) if last else None, lse, teacher_lse,
+                                       tau, prefix, in_question, shift, bits)
+            for total, tile_sum in zip((mass, count, gap), added[:3]):
+                total.scatter_add_(0, where, tile_sum)
+            if last:
+                all_gap += added[3]
+                head_gap += added[4]
+        # from the top bin down: the mass at or above each bin, and above it; the crossing bin is the highest
+        # whose mass at or above passes mu (-1: none, so all in question are head), in float32 as the sort's
+        # cumulative sums are compared with mu (at mu = 1 a float64 sum can pass it where float32's does not)
+        mass, count, gap = mass.view(n, bins), count.view(n, bins), gap.view(n, bins)
+        at_or_above = torch.cat([above[:, None] + mass.flip(-1).cumsum(-1).flip(-1), above[:, None]], -1)  # (n, bins + 1)
+        crossing = (at_or_above[:, :bins].float() > mu).sum(-1) - 1
+        above = at_or_above.gather(1, (crossing + 1)[:, None])[:, 0]
+        prefix, in_question, read = (prefix << bits) + crossing, in_question & (crossing >= 0), read + bits
+    # the last bins are single values: of the crossing one's k ids (tied, p each), as many are in the head
+    # as fit under mu, at least one if none is above (the top-1); its gap counts in that share
+    suffix_gap = torch.cat([gap.flip(-1).cumsum(-1).flip(-1), zeros(n, 1)], -1)
+    head_gap += suffix_gap.gather(1, (crossing + 1)[:, None])[:, 0]
+    at = crossing.clamp_min(0)[:, None]
+    k, bin_mass, bin_gap = count.gather(1, at)[:, 0], mass.gather(1, at)[:, 0], gap.gather(1, at)[:, 0]
+    p_each = bin_mass / k.clamp_min(1)
+    fits = lambda j: (above + j * p_each).float() <= mu  # j of them under mu, as the sort compares
+    fit = ((mu - above) / p_each.clamp_min(1e-300)).floor().clamp(0, None)
+    fit = torch.where(fits(fit + 1), fit + 1, torch.where(fits(fit) | (fit == 0), fit, fit - 1))  # float32's say
+    fit = torch.minimum(torch.where(above > 0, fit, fit.clamp_min(1)), k)
+    head_gap += torch.where(in_question, bin_gap * fit / k.clamp_min(1), 0)
+    return torch.where(all_gap > 0, head_gap / all_gap.clamp_min(1e-300), 0.5)
+
+
+def _radix_tile(t, z, lse, teacher_lse, tau, prefix, in_question, shift, bits):
+    """A tile (n, tile) of a pass of _akl_weight: each id's histogram bin (its row * 2^bits + its next bits,
+    flattened) and, for that bin, the teacher's mass p_v if the id is in question (else 0); given the
+    student's logits z (the last pass), also 1 and |p_v - q_v| where in question, and per row sum_v |p_v - q_v|
+    over all ids and over those known to be in the head."""
+    key, p = _order_key(t), (t / tau - teacher_lse[:, None]).exp()
+    high = key >> (shift + bits)  # the bits read so far
+    asked = (high == prefix[:, None]) & in_question[:, None]
+    where = (key >> shift & 2**bits - 1) + torch.arange(0, len(t) * 2**bits, 2**bits, device=t.device)[:, None]
+    mass = torch.where(asked, p, 0).double().view(-1)
+    if z is None:
+        return where.view(-1), mass
+    gap = (p - (z / tau - lse[:, None]).exp()).abs()
+    return (where.view(-1), mass, asked.double().view(-1), torch.where(asked, gap, 0).double().view(-1),
+            gap.sum(-1).double(), torch.where(high > prefix[:, None], gap, 0).sum(-1).double())
+
+
+TileOps = collections.namedtuple("TileOps", "sums kd_sums gradient radix")
 
 
 def _tile_ops(compiled, compile_kd):
     """The tile functions, through torch.compile where asked (and, for KD, where the objective has its
     derivative written out: autograd does not compile). torch keeps the compiled code per function, so
     wrapping them again at each call costs nothing; a new tau or tile shape compiles again."""
-    ops = TileOps(_tile_sums, _tile_kd_sums, _tile_gradient)
+    ops = TileOps(_tile_sums, _tile_kd_sums, _tile_gradient, _radix_tile)
     if not compiled:
         return ops
-    return TileOps(torch.compile(ops.sums), *(torch.compile(f) if compile_kd else f for f in ops[1:]))
+    return TileOps(torch.compile(ops.sums), *(torch.compile(f) if compile_kd else f for f in ops[1:3]), torch.compile(ops.radix))
 
 
 def _exponent(a, b, u, w):

@@ -136,6 +136,8 @@ def akl_head_weight(log_p, log_q, mu):
 
 def _akl_head(p, mu):
     """AKL's head (bool, like p): each row's most likely ids whose cumulative mass is <= mu, and the top-1."""
+    if mu >= 1:  # every id, however float32 rounds the cumulative sum near 1
+        return torch.ones_like(p, dtype=torch.bool)
     p_sorted, order = p.sort(-1, descending=True)
     head_sorted = p_sorted.cumsum(-1) <= mu
     head_sorted[:, 0] = True

@@ -94,9 +94,9 @@ def test_the_objectives_that_sum_over_the_vocabulary_are_the_listed_ones(name):
                                           ("srkl", {}), ("srkl", {"alpha": 0.0}), ("srkl", {"alpha": 0.9}), ("tvd", {}),
                                           ("akl", {}), ("akl", {"mu": 0.9}), ("akl", {"mu": 0.0})])
 def test_the_written_out_derivatives_are_autograds(name, hparams):
-    """DLOG_Q (what the tiled path takes instead of autograd, for all but AB) and AKL's on whole rows: each row's value
-    and dKD/dlog q equal the objective's value and autograd's gradient, on rows far apart (logits x 30, as
-    at tau 0.1) and rows where p = q at some ids (TVD's kink: both give 0 there)."""
+    """DLOG_Q (what the tiled path takes instead of autograd, for all but AB; AKL's is SYM with each row's weight
+    from its head): each row's value and dKD/dlog q equal the objective's value and autograd's gradient, on rows
+    far apart (logits x 30, as at tau 0.1) and rows where p = q at some ids (TVD's kink: both give 0 there)."""
     g = torch.Generator().manual_seed(2)
     log_p = (torch.randn(6, 40, generator=g) * torch.tensor([1.0, 1, 1, 30, 30, 1])[:, None]).log_softmax(-1)
     log_q = (torch.randn(6, 40, generator=g) * torch.tensor([1.0, 1, 1, 30, 30, 1])[:, None]).log_softmax(-1)
@@ -104,8 +104,10 @@ def test_the_written_out_derivatives_are_autograds(name, hparams):
     log_q = log_q.requires_grad_()
     want = LOSSES[name](log_p, log_q, None, **hparams)
     want_grad = torch.autograd.grad(want.sum(), log_q)[0]
-    form = {**fused_loss.DLOG_Q, **fused_loss.ROW_DLOG_Q}[name]
-    value, dlog_q = form(log_p, log_q.detach(), **{**losses.defaults(LOSSES[name]), **hparams})
+    hparams = {**losses.defaults(LOSSES[name]), **hparams}
+    if name == "akl":
+        hparams = {"weight": losses.akl_head_weight(log_p, log_q.detach(), hparams["mu"])}
+    value, dlog_q = fused_loss.DLOG_Q[name](log_p, log_q.detach(), **hparams)
     assert bool(dlog_q.isfinite().all())
     assert torch.allclose(value, want.detach(), rtol=1e-6, atol=1e-7)
     assert torch.allclose(dlog_q, want_grad, rtol=1e-5, atol=1e-7)
@@ -165,8 +167,7 @@ def test_the_tiled_path_takes_the_objectives_hyperparameters():
 
 def test_a_large_vocabulary_takes_tiles_by_itself_and_a_small_one_whole_rows(monkeypatch):
     """The automatic choice (no chunk_size, vocab_tile): whole rows while ~8 MB holds >= 256 of them,
-    tiles beyond (V = 10,000: 209 rows), DRKL too; AKL whole rows always (beyond, as one tile a chunk, its
-    derivative written out); the value and gradient as plain."""
+    tiles beyond (V = 10,000: 209 rows), DRKL and AKL too; the value and gradient as plain."""
     calls = []
     for piece in ("_whole_rows", "_vocab_tiles"):
         real = getattr(fused_loss, piece)
@@ -203,6 +204,33 @@ def test_drkl_on_tiles_where_a_tile_holds_only_the_target_and_where_the_student_
                         torch.autograd.grad(want, [student_hidden, head])):
             assert bool(a.isfinite().all())
             assert_close(a, b)
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.3, 0.5, 0.8, 0.9, 1.0])
+@pytest.mark.parametrize("tile", [1, 7, 64])
+def test_akl_head_on_tiles_is_the_sorted_rows(mu, tile):
+    """AKL's weight on tiles (_akl_weight: a radix select on the teacher's logits, 3 passes) equals
+    losses.akl_head_weight's on whole rows (a sort): rows near uniform (the head takes many ids), far apart
+    (logits x 30: the top-1 alone), a student equal to the teacher at some ids, and a row whose teacher
+    gives 5 ids one logit at the head's edge - the sort takes as many of them as fit under mu, and since
+    the student gives them one logit too, which ones does not matter - and its float32 bits in different
+    first 11 bits (negative, positive logits)."""
+    g = torch.Generator().manual_seed(3)
+    n, V, tau = 6, 37, 1.5
+    scale = torch.tensor([0.1, 1.0, 1.0, 30.0, 1.0, 1.0])[:, None]
+    z, t = torch.randn(n, V, generator=g) * scale, torch.randn(n, V, generator=g) * scale
+    z[2, :9] = t[2, :9]  # the student equals the teacher at 9 ids
+    # 10 ids of 0.765 in all, then 5 ids tied at 0.01 (the student gives them one logit too), then the rest:
+    # at mu = 0.8 the head takes 3 of the 5
+    t[4] = tau * torch.cat([torch.linspace(0.0745, 0.0785, 10), torch.full((5,), 0.01), torch.linspace(0.008, 0.0088, 22)]).log()
+    z[4, 10:15] = -0.5
+    lse, teacher_lse = (z / tau).logsumexp(-1), (t / tau).logsumexp(-1)
+    tiles = [slice(c, min(c + tile, V)) for c in range(0, V, tile)]
+    got = fused_loss._akl_weight(tiles, lambda cols: z[:, cols], lambda cols: t[:, cols], lse, teacher_lse, tau, mu)
+    want = losses.akl_head_weight((t / tau).log_softmax(-1), (z / tau).log_softmax(-1), mu)
+    p = (t / tau).softmax(-1)
+    assert p[4, :10].sum() + 3 * p[4, 10] <= 0.8 < p[4, :10].sum() + 4 * p[4, 10]  # the tie straddles mu = 0.8
+    assert torch.allclose(got.float(), want, atol=1e-6)
 
 
 class CountProducts(TorchDispatchMode):
