@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from losses import LOG_ZERO, LOSSES, akl_head_weight, ce, check_objective, defaults, kl, log_of, log_probs
+from losses import LOG_ZERO, LOSSES, ce, check_objective, defaults, kl, log_of, log_probs
 
 
 # With 128k-152k-token vocabularies the logits, not the weights, decide what fits. fused_distill_loss
@@ -23,16 +23,15 @@ from losses import LOG_ZERO, LOSSES, akl_head_weight, ce, check_objective, defau
 # by the (V, H) head streams the whole head from memory to do little arithmetic - four times a chunk
 # (both models' logits, the two gradients). Then the pieces are tiles of 512 ids for a block of
 # 1,024 rows instead (2 MB), in passes: first each row's log-sum-exps (so a tile's log-probabilities
-# are exact), then the gradient tile by tile. More products in all (6 to 8 head-sized ones where the
+# are exact), then the gradient tile by tile. More products in all (6 to 10 head-sized ones where the
 # unfused path makes 4), each large enough to run at the machine's speed (bench/bench_fused.py
 # measures both). Tiles serve the objectives whose value is a sum over the vocabulary of a function
 # of (log p_v, log q_v) (SUMS_OVER_VOCAB), and DRKL, which is such a sum over the ids other than the
-# target plus a term of the target's probabilities (_drkl_from_sums). AKL's head, the teacher's most
-# likely tokens, needs each whole row sorted: AKL keeps whole rows, and where they are few a chunk it
-# takes them as one tile (logits made once), for its derivative written out: autograd through the sort
-# holds more (n, V) tensors. A tile's element-wise work is a few plain functions (_tile_sums,
-# _tile_kd_sums, _tile_gradient) that torch.compile makes into a loop or two (compiled=True, what
-# train.py runs): that leaves the head's products, 80-90 % of the time.
+# target plus a term of the target's probabilities (_drkl_from_sums), and AKL, SYM with a weight per row
+# from its head, which is found on tiles without sorting rows (_akl_weight). A tile's element-wise work
+# is a few plain functions (_tile_sums, _tile_kd_sums, _tile_gradient, _radix_tile) that torch.compile
+# makes into a loop or two (compiled=True, what train.py runs): that leaves the head's products, 80-90 %
+# of the time.
 #
 # The gradient of a tile needs each row's S = sum_v dKD/dlog q_v. Where a formula gives S from sums
 # the first pass adds up as it goes - power(a, b) = (sum_v q_v^a p_v^b, the mean of log q_v - log p_v
@@ -175,7 +174,10 @@ def fused_distill_loss(name, student_hidden, student_head, teacher_hidden, teach
     whole_rows = max(1, (2**21 if cpu else 2**25) // n_ids)
     few_rows = chunk_size is None and whole_rows < 256  # a chunk too thin for the head's products to pay
     if (per_token is None or name in TILED) and (vocab_tile or few_rows):
-        chunk_size, vocab_tile = chunk_size or (1024 if cpu else 4096), vocab_tile or (512 if cpu else 2048)
+        # AKL's blocks are half as many rows on a CPU: its head's histograms are (rows, 2,048) float64, and a
+        # block of 512 measured as fast (peak extra memory 0.25x -> 0.24x of a logits tensor at Qwen's shape)
+        rows_a_block = (512 if name == "akl" else 1024) if cpu else 4096
+        chunk_size, vocab_tile = chunk_size or rows_a_block, vocab_tile or (512 if cpu else 2048)
     else:  # whole rows
         chunk_size, vocab_tile = chunk_size or whole_rows, None
     kd_weight = kd_weight * (tau**2 if tau_sq else 1)
@@ -343,8 +345,8 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, forms, tau, kd_we
             from_teacher = kd_form and not (kept and not ties[i])
             t, this_kept = (teacher_logits(cols), None) if from_teacher else (None, kept[i] if kept else None)
             value, g = ops.gradient(*(kd_form or (None, None)), z, t, lse, teacher_lse, S, lse_1 if ce_weight else None, tau,
-                                    scales, from_kept, this_kept)
-        sums[0] += 0 if pass_2 or value is None else value.sum()  # KD's value, unless pass 1 or 2 added it up
+                                    scales, from_kept, this_kept, with_value=not pass_2)
+        sums[0] += 0 if value is None else value.sum()  # KD's value, unless pass 1 or 2 added it up
         if ce_weight:
             g[here] -= ce_weight
         yield cols, g
@@ -379,11 +381,13 @@ def _tile_kd_sums(value_and_dlog_q, hparams, z, t, lse, teacher_lse, tau, keep=N
     return value.sum(), dlog_q.sum(-1), None if keep is None else keep(log_p, log_q)
 
 
-def _tile_gradient(value_and_dlog_q, hparams, z, t, lse, teacher_lse, S, lse_1, tau, scales, from_kept=None, kept=None):
+def _tile_gradient(value_and_dlog_q, hparams, z, t, lse, teacher_lse, S, lse_1, tau, scales, from_kept=None, kept=None,
+                   with_value=True):
     """Pass 3 on a tile: (each row's share of KD's value, the tile's gradient (n, tile) of
     kd_weight KD + ce_weight CE w.r.t. z but for CE's -ce_weight at the target), scales = (kd_weight /
     tau, ce_weight); without value_and_dlog_q no KD, without lse_1 (CE's log-sum-exp) no CE; kept: what
-    pass 2 kept of the teacher, for from_kept(kept, log q) instead of t (and no value: pass 2 added it up)."""
+    pass 2 kept of the teacher, for from_kept(kept, log q) instead of t; with_value False (pass 2 added it
+    up): no value, so the compiled loop does not compute it."""
     value, g = None, None
     if value_and_dlog_q is not None:
         log_q = z / tau - lse[:, None]
@@ -395,7 +399,7 @@ def _tile_gradient(value_and_dlog_q, hparams, z, t, lse, teacher_lse, S, lse_1, 
     if lse_1 is not None:
         ce_part = (z - lse_1[:, None]).exp_().mul_(scales[1])
         g = ce_part if g is None else g.add_(ce_part)
-    return value, g
+    return value if with_value else None, g
 
 
 # AKL's head is each row's likeliest ids under the teacher, up to a cumulative mass of mu (and the likeliest
@@ -428,7 +432,12 @@ def _akl_weight(tiles, student_logits, teacher_logits, lse, teacher_lse, tau, mu
     head_gap, all_gap, read = zeros(n), zeros(n), 0
     for bits in RADIX_BITS:
         shift, last, bins = 32 - read - bits, read + bits == 32, 2**bits
-        mass, count, gap = zeros(n * bins), zeros(n * bins), zeros(n * bins)  # per row and bin of the next bits
+        # per row and bin of the next bits: the teacher's mass; in the last pass also ids and their |p - q|
+        # (float32: they add up few ids, those in question); the last pass's bins replace this one's
+        mass = count = gap = None
+        mass = zeros(n * bins)
+        if last:
+            count, gap = (torch.zeros(n * bins, device=device) for _ in range(2))
         for cols in tiles:  # the last pass makes the student's logits too, for |p - q|
             where, *added = radix_tile(teacher_logits(cols), student_logits(cols) if last else None, lse, teacher_lse,
                                        tau, prefix, in_question, shift, bits)
@@ -437,20 +446,24 @@ def _akl_weight(tiles, student_logits, teacher_logits, lse, teacher_lse, tau, mu
             if last:
                 all_gap += added[3]
                 head_gap += added[4]
-        # from the top bin down: the mass at or above each bin, and above it; the crossing bin is the highest
-        # whose mass at or above passes mu (-1: none, so all in question are head), in float32 as the sort's
-        # cumulative sums are compared with mu (at mu = 1 a float64 sum can pass it where float32's does not)
-        mass, count, gap = mass.view(n, bins), count.view(n, bins), gap.view(n, bins)
-        at_or_above = torch.cat([above[:, None] + mass.flip(-1).cumsum(-1).flip(-1), above[:, None]], -1)  # (n, bins + 1)
-        crossing = (at_or_above[:, :bins].float() > mu).sum(-1) - 1
-        above = at_or_above.gather(1, (crossing + 1)[:, None])[:, 0]
+        del where, added  # the last tile's, 8-16 MB at 1,024 rows
+        # Per row, the mass over each bin (the head so far and the higher bins), from the top bin down: the
+        # crossing bin is the highest whose mass at or over passes mu (-1: none, so all in question are head),
+        # compared in float32 as the sort's cumulative sums are (a float64 sum can pass mu = 1 where float32's
+        # does not). Made in place: at 1,024 rows it is 16 MB.
+        head_and_question = above + mass.view(n, bins).sum(-1)                          # (n,)
+        over = mass.view(n, bins).cumsum_(-1).neg_().add_(head_and_question[:, None])  # (n, bins)
+        crossing = (head_and_question.float() > mu).long() + (over[:, :-1].float() > mu).sum(-1) - 1
+        at_crossing = lambda x: x.gather(1, crossing.clamp_min(0)[:, None])[:, 0]  # (n,) x at the crossing bin
+        at_or_over = torch.where(crossing > 0, over.gather(1, (crossing - 1).clamp_min(0)[:, None])[:, 0], head_and_question)
+        above = torch.where(crossing >= 0, at_crossing(over), head_and_question)
         prefix, in_question, read = (prefix << bits) + crossing, in_question & (crossing >= 0), read + bits
     # the last bins are single values: of the crossing one's k ids (tied, p each), as many are in the head
     # as fit under mu, at least one if none is above (the top-1); its gap counts in that share
-    suffix_gap = torch.cat([gap.flip(-1).cumsum(-1).flip(-1), zeros(n, 1)], -1)
+    count, gap = count.view(n, bins), gap.view(n, bins)
+    suffix_gap = torch.cat([gap.double().flip(-1).cumsum(-1).flip(-1), zeros(n, 1)], -1)
     head_gap += suffix_gap.gather(1, (crossing + 1)[:, None])[:, 0]
-    at = crossing.clamp_min(0)[:, None]
-    k, bin_mass, bin_gap = count.gather(1, at)[:, 0], mass.gather(1, at)[:, 0], gap.gather(1, at)[:, 0]
+    k, bin_mass, bin_gap = at_crossing(count).double(), at_or_over - above, at_crossing(gap).double()
     p_each = bin_mass / k.clamp_min(1)
     fits = lambda j: (above + j * p_each).float() <= mu  # j of them under mu, as the sort compares
     fit = ((mu - above) / p_each.clamp_min(1e-300)).floor().clamp(0, None)
@@ -473,7 +486,7 @@ def _radix_tile(t, z, lse, teacher_lse, tau, prefix, in_question, shift, bits):
     if z is None:
         return where.view(-1), mass
     gap = (p - (z / tau - lse[:, None]).exp()).abs()
-    return (where.view(-1), mass, asked.double().view(-1), torch.where(asked, gap, 0).double().view(-1),
+    return (where.view(-1), mass, asked.float().view(-1), torch.where(asked, gap, 0).view(-1),
             gap.sum(-1).double(), torch.where(high > prefix[:, None], gap, 0).sum(-1).double())
 
 
