@@ -4,6 +4,7 @@ for each objective and for two peers, on this CPU.
 
     python bench/bench_fused.py                      # a Qwen-like shape: H 896, V 151,936, 4,096 tokens
     python bench/bench_fused.py --losses fkl,rkl --impls chunked,fused
+    python bench/bench_fused.py --losses sfkl --paired 5   # time only: unfused and fused alternately, one process
     pip install -r requirements-bench.txt            # the peers: liger (JSD), torchtune (FKL)
 
 Every case starts from the student's and teacher's last hidden states and head weights (what the
@@ -48,14 +49,28 @@ def peer_loss(impl):
     return module.ForwardKLWithChunkedOutputLoss(num_output_chunks=8)
 
 
-def measure_one(name, impl, N, H, V, pieces):
-    """Runs in a child process: prints {"extra": bytes, "seconds": s, "loss": value}."""
+def step_inputs(N, H, V, train_head=True):
+    """The student's and teacher's last hidden states (1, N, H) and head weights (V, H), random, and labels with a prompt."""
     torch.manual_seed(0)
     student_hidden = torch.randn(1, N, H, requires_grad=True)
-    head = torch.randn(V, H).div_(H**0.5).requires_grad_(impl != "frozen")
+    head = torch.randn(V, H).div_(H**0.5).requires_grad_(train_head)
     teacher_hidden, teacher_head = torch.randn(1, N, H), torch.randn(V, H).div_(H**0.5)
     labels = torch.randint(0, V, (1, N))
     labels[:, : N // 8] = -100  # a prompt
+    return student_hidden, head, teacher_hidden, teacher_head, labels
+
+
+def unfused_loss(loss_fn, name, student_hidden, head, teacher_hidden, teacher_head, labels):
+    """The heads' logits (1, N, V), then loss_fn (distill_loss or distill_loss_chunked) on them."""
+    student_logits = student_hidden @ head.t()
+    with torch.no_grad():
+        teacher_logits = teacher_hidden @ teacher_head.t()
+    return loss_fn(name, student_logits, teacher_logits, labels, tau=2.0, reduction="sum")
+
+
+def measure_one(name, impl, N, H, V, pieces):
+    """Runs in a child process: prints {"extra": bytes, "seconds": s, "loss": value}."""
+    student_hidden, head, teacher_hidden, teacher_head, labels = step_inputs(N, H, V, train_head=impl != "frozen")
     loss_fn = peer_loss(impl) if impl in ("liger", "torchtune") else None
     fused = lambda: fused_loss.fused_distill_loss(name, student_hidden, head, teacher_hidden, teacher_head, labels,
                                                   tau=2.0, compiled=impl != "eager", **pieces)[0]
@@ -78,15 +93,36 @@ def measure_one(name, impl, N, H, V, pieces):
             teacher_chunks = [chunk @ teacher_head.t() for chunk in teacher_hidden.chunk(8, dim=1)]
         loss = loss_fn(student_chunks, teacher_chunks, labels)
     else:
-        student_logits = student_hidden @ head.t()                   # (1, N, V)
-        with torch.no_grad():
-            teacher_logits = teacher_hidden @ teacher_head.t()
-        loss_fn = losses.distill_loss if impl == "plain" else losses.distill_loss_chunked
-        loss = loss_fn(name, student_logits, teacher_logits, labels, tau=2.0, reduction="sum")
+        loss = unfused_loss(losses.distill_loss if impl == "plain" else losses.distill_loss_chunked, name, student_hidden,
+                            head, teacher_hidden, teacher_head, labels)
     loss.backward()
     seconds = time.perf_counter() - start
     print(json.dumps({"extra": peak_bytes() - before, "seconds": seconds, "loss": float(loss.detach()),
                       "first_call_seconds": compile_seconds}))
+
+
+def time_paired(name, N, H, V, pieces, repeats):
+    """Time alone, in one process: the unfused step (chunked) and the fused one alternately, `repeats` pairs after
+    one fused call that compiles, so that drift of a shared VM falls on both alike; prints each pair's ratio and
+    the median."""
+    inputs = step_inputs(N, H, V)
+    student_hidden, head = inputs[:2]
+    unfused = lambda: unfused_loss(losses.distill_loss_chunked, name, *inputs)
+    fused = lambda: fused_loss.fused_distill_loss(name, *inputs, tau=2.0, compiled=True, **pieces)[0]
+
+    def seconds(step):
+        start = time.perf_counter()
+        step().backward()
+        student_hidden.grad = head.grad = None
+        return time.perf_counter() - start
+    seconds(fused)  # compiles
+    ratios = []
+    for i in range(repeats):
+        pair = seconds(unfused), seconds(fused)
+        ratios.append(pair[1] / pair[0])
+        print(f"{name} pair {i + 1}: unfused {pair[0]:.1f} s, fused {pair[1]:.1f} s, fused / unfused {ratios[-1]:.3f}", flush=True)
+    print(f"{name}: median fused / unfused {sorted(ratios)[len(ratios) // 2]:.3f} over {repeats} pairs "
+          f"({sum(r <= 1.2 for r in ratios)} of {repeats} at or under 1.2)")
 
 
 def main():
@@ -99,11 +135,17 @@ def main():
                    "torchtune (chunked is the time baseline: always include it)")
     p.add_argument("--chunk-size", type=int, help="fused: rows a piece (default: chosen by fused_loss.py)")
     p.add_argument("--vocab-tile", type=int, help="fused: ids a vocabulary tile (default: chosen by fused_loss.py)")
+    p.add_argument("--paired", type=int, metavar="PAIRS", help="time only: unfused and fused steps alternately in one "
+                   "process, this many pairs (the per-row runs above each take a fresh process, for peak memory)")
     p.add_argument("--one", nargs=2, metavar=("LOSS", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args()
     pieces = {k: v for k, v in (("chunk_size", args.chunk_size), ("vocab_tile", args.vocab_tile)) if v}
     if args.one:
         return measure_one(*args.one, args.N, args.H, args.V, pieces)
+    if args.paired:
+        for name in args.losses.split(","):
+            time_paired(name, args.N, args.H, args.V, pieces, args.paired)
+        return
     logits_bytes = args.N * args.V * 4
     print(f"N={args.N} H={args.H} V={args.V}: one float32 logits tensor = {logits_bytes / 2**30:.2f} GiB; the head's "
           f"weight gradient = {args.V * args.H * 4 / logits_bytes:.2f} of it")
