@@ -230,6 +230,8 @@ def test_akl_head_on_tiles_is_the_sorted_rows(mu, tile):
     want = losses.akl_head_weight((t / tau).log_softmax(-1), (z / tau).log_softmax(-1), mu)
     p = (t / tau).softmax(-1)
     assert p[4, :10].sum() + 3 * p[4, 10] <= 0.8 < p[4, :10].sum() + 4 * p[4, 10]  # the tie straddles mu = 0.8
+    if mu == 1:  # every id is in the head (float32 may round the whole mass above 1: not a reason to drop one)
+        assert bool((want == 1).all())
     assert torch.allclose(got.float(), want, atol=1e-6)
 
 

@@ -237,6 +237,15 @@ def test_akl_weights_sum_to_one_and_top1_is_in_the_head():
     assert same.item() == 0.0
 
 
+def test_akl_head_at_mu_1_is_every_id():
+    """mu = 1: the head is every id, so AKL is FKL (g_head = 1), also for rows whose float32 cumulative mass
+    ends above 1 (rows 6-8 here: 1.0000002), which the sort's `<= mu` would cut short by their last id."""
+    log_p = (torch.randn(64, 1000, generator=torch.Generator().manual_seed(0)) * 3).log_softmax(-1)
+    assert bool((log_p.exp().sort(-1, descending=True)[0].cumsum(-1)[:, -1] > 1).any())
+    log_q = torch.zeros(64, 1000).log_softmax(-1)
+    assert bool((losses.akl_head_weight(log_p, log_q, 1.0) == 1).all())
+
+
 @pytest.mark.parametrize("name", NAMES + ["ce"])
 def test_chunked_equals_unchunked_values_and_gradients(name):
     student, teacher, labels = batch(B=2, T=9, V=17, seed=10)
