@@ -187,6 +187,7 @@ def fused_distill_loss(name, student_hidden, student_head, teacher_hidden, teach
         chunk_size, vocab_tile = chunk_size or whole_rows, None
     kd_weight = kd_weight * (tau**2 if tau_sq else 1)
     forms = None if per_token is None or vocab_tile is None else TileForms(
+        # AKL: pass 1 adds up what SYM's S needs (RKL's sums); its weight per row comes after (_akl_weight)
         grad_sum=GRAD_SUM[name](**hparams) if name in GRAD_SUM else GRAD_SUM["rkl"]() if name == "akl" else None,
         drkl=(lambda *sums: _drkl_from_sums(*sums, **hparams)) if name == "drkl" else None,
         value_and_dlog_q=DLOG_Q.get(name) or _autograd_dlog_q(LOSSES[name]), hparams=hparams,
@@ -270,8 +271,8 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, forms, tau, kd_we
 
     and CE's is softmax(z)_v - [v = target]. Pass 1 adds up each row's log-sum-exps and what the formulas
     for S (GRAD_SUM) and DRKL's form need; pass 2 adds up S where no formula gives it (and KD's value);
-    pass 3 makes the tiles' gradients (TVD's from the signs pass 2 kept, without the teacher's logits). forms: the objective's TileForms, None without KD; ops: the
-    element-wise work on a tile (_tile_ops)."""
+    pass 3 makes the tiles' gradients (TVD's from the signs pass 2 kept, without the teacher's logits).
+    forms: the objective's TileForms, None without KD; ops: the element-wise work on a tile (_tile_ops)."""
     tiles = [slice(c, min(c + tile, len(weight))) for c in range(0, len(weight), tile)]
     grad_sum, drkl_from_sums = (forms.grad_sum, forms.drkl) if forms else (None, None)
     student_logits = lambda cols: (h @ weight[cols].t()).float()                    # (n, tile)
@@ -321,7 +322,7 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, forms, tau, kd_we
     kd_form = None if forms is None or drkl_from_sums else (forms.value_and_dlog_q, forms.hparams)
     if forms and forms.akl_mu is not None:  # AKL is SYM with each row's weight, from its head: 3 passes more
         akl_weight = _akl_weight(tiles, student_logits, teacher_logits, lse, teacher_lse, tau, forms.akl_mu, ops.radix).float()
-        S = (1 - akl_weight) * S - akl_weight  # SYM's S from RKL's (GRAD_SUM)
+        S = GRAD_SUM["sym"](akl_weight)[2](power).float()  # from pass 1's RKL sums, which SYM's and RKL's forms share
         kd_form = (forms.value_and_dlog_q, {"weight": akl_weight})
 
     pass_2 = kd_form is not None and (grad_sum is None or not want)
@@ -347,8 +348,9 @@ def _vocab_tiles(h, weight, teacher_h, teacher_weight, target, forms, tau, kd_we
             value, g = None, drkl_gradient(z, teacher_logits(cols), here).mul_(kd_weight / tau)
             g += (z - lse_1[:, None]).exp_().mul_(ce_weight) if ce_weight else 0
         else:
-            from_teacher = kd_form and not (kept and not ties[i])
-            t, this_kept = (teacher_logits(cols), None) if from_teacher else (None, kept[i] if kept else None)
+            use_kept = bool(kept) and not ties[i]  # a tile with a tie makes its teacher logits again
+            t = teacher_logits(cols) if kd_form and not use_kept else None
+            this_kept = kept[i] if use_kept else None
             value, g = ops.gradient(*(kd_form or (None, None)), z, t, lse, teacher_lse, S, lse_1 if ce_weight else None, tau,
                                     scales, from_kept, this_kept, with_value=not pass_2)
         sums[0] += 0 if value is None else value.sum()  # KD's value, unless pass 1 or 2 added it up
